@@ -1,0 +1,3 @@
+from meshcore.cli import main
+
+raise SystemExit(main())

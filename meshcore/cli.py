@@ -1,0 +1,102 @@
+"""Command line: `python -m meshcore run|check|demo`.
+
+The flag names of `run` (--config, --listen, --admin, --workers) are a fixed interface.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from meshcore import __version__
+
+
+def _hostport(text: str):
+    from meshcore.io.sockets import parse_hostport
+    try:
+        return parse_hostport(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return int(text)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="meshcore", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"meshcore {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run the proxy")
+    _add_run_flags(run)
+
+    check = sub.add_parser("check", help="validate config files; exit non-zero on any error")
+    check.add_argument("paths", nargs="+", metavar="FILE", help="YAML/JSON file or directory")
+
+    demo = sub.add_parser("demo", help="start the demo backends and the proxy on examples/demo")
+    _add_run_flags(demo, config_required=False)
+    demo.add_argument("--backends-only", action="store_true", help=argparse.SUPPRESS)
+    return parser
+
+
+def _add_run_flags(p, config_required=True):
+    p.add_argument("--config", action="append", required=config_required, default=None,
+                   metavar="FILE", help="YAML/JSON file or directory (repeatable)")
+    p.add_argument("--listen", type=_hostport, default=("127.0.0.1", 15001), metavar="HOST:PORT")
+    p.add_argument("--admin", type=_hostport, default=("127.0.0.1", 15000), metavar="HOST:PORT")
+    p.add_argument("--workers", type=_positive_int, default=max(1, min(os.cpu_count() or 1, 2)))
+    p.add_argument("--no-access-log", action="store_true", help="turn the access log off")
+    p.add_argument("--drain-grace", type=float, default=5.0, metavar="SECONDS",
+                   help="how long in-flight requests may finish after SIGTERM")
+    p.add_argument("--no-watch", action="store_true", help="do not reload when config files change")
+    p.add_argument("--use-remote-address", action="store_true",
+                   help="append the peer to x-forwarded-for (Envoy use_remote_address; Istio "
+                        "sidecars leave it off)")
+    p.add_argument("--admin-unsafe", action="store_true",
+                   help="allow a non-loopback admin address")
+
+
+def cmd_check(paths) -> int:
+    from meshcore.config.compile import compile_sources
+    from meshcore.config.load import read_sources
+    from meshcore.errors import ConfigError
+    try:
+        snapshot = compile_sources(read_sources(paths))
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(problem, file=sys.stderr)
+        print(f"{len(exc.problems)} error(s)", file=sys.stderr)
+        return 1
+    for warning in snapshot.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    print(f"ok: {len(snapshot.vhosts)} virtual host names, {len(snapshot.clusters)} clusters, "
+          f"{len(snapshot.warnings)} warning(s)")
+    return 0
+
+
+def cmd_run(args) -> int:
+    from meshcore.admin import is_loopback
+    from meshcore.supervisor import Supervisor
+    if not is_loopback(args.admin[0]) and not args.admin_unsafe:
+        print(f"meshcore: refusing admin address {args.admin[0]}: not loopback "
+              "(pass --admin-unsafe to allow)", file=sys.stderr)
+        return 2
+    options = {"access_log": not args.no_access_log, "use_remote_address": args.use_remote_address}
+    sup = Supervisor(args.config, args.listen, args.admin, args.workers, options,
+                     grace=args.drain_grace, watch=not args.no_watch)
+    return sup.run()
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "check":
+        return cmd_check(args.paths)
+    if args.command == "run":
+        return cmd_run(args)
+    if args.command == "demo":
+        from meshcore.demo import run_demo
+        return run_demo(args)
+    return 2

@@ -1,0 +1,70 @@
+"""Immutable policy compiled once from Istio config; the hot path only reads it.
+
+A `Snapshot` is built off the hot path by `meshcore.config.compile`, validated whole, and swapped
+in by one reference assignment in each worker. Nothing here is mutated after construction.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+# Load-balancer kinds (Envoy names). Istio's LEAST_CONN maps to LEAST_REQUEST.
+LB_ROUND_ROBIN = "ROUND_ROBIN"
+LB_RANDOM = "RANDOM"
+LB_LEAST_REQUEST = "LEAST_REQUEST"
+
+# Istio writes 2^32-1 for every circuit-breaker threshold it does not set: breaking disabled.
+UNLIMITED = 4294967295
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoint:
+    address: str  # IP address (or resolved name) to connect to
+    port: int  # target port after Istio's precedence: endpoint ports map > targetPort > number
+    weight: int  # load_balancing_weight; 0/unset becomes 1
+    labels: tuple[tuple[str, str], ...]  # sorted (key, value) pairs
+    key: str  # "ip:port" ("[v6]:port"): Envoy's host key for hashing and the access log
+
+
+@dataclass(frozen=True, slots=True)
+class ClusterPolicy:
+    name: str  # Envoy cluster name: outbound|<port>|<subset>|<host>
+    service_host: str
+    port: int  # service port number
+    subset: str  # "" when none
+    endpoints: tuple[Endpoint, ...]
+    lb: str = LB_LEAST_REQUEST
+    connect_timeout: float = 10.0  # seconds; Istio MeshConfig default
+    idle_timeout: float = 3600.0  # upstream connection idle timeout, seconds (Envoy default 1 h)
+    max_requests_per_connection: int = 0  # 0 = unlimited, 1 = no keep-alive
+
+
+@dataclass(frozen=True, slots=True)
+class WeightedCluster:
+    cluster: str  # ClusterPolicy.name
+    weight: int
+
+
+@dataclass(frozen=True, slots=True)
+class RoutePolicy:
+    name: str  # Envoy route name (VirtualService name, plus ".<match name>" when the match is named)
+    # Compiled request matchers, OR-ed; each is AND-ed inside. Empty tuple: matches every request.
+    matches: tuple = ()
+    destinations: tuple[WeightedCluster, ...] = ()
+    total_weight: int = 0
+    timeout: float = 0.0  # route timeout in seconds; 0 = none (Istio's default)
+
+
+@dataclass(frozen=True, slots=True)
+class VirtualHostPolicy:
+    name: str  # "<host>:<port>"
+    routes: tuple[RoutePolicy, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    generation: int
+    config_hash: str
+    # lowercase authority ("host" and "host:port") -> virtual host
+    vhosts: dict[str, VirtualHostPolicy]
+    clusters: dict[str, ClusterPolicy]
+    warnings: tuple[str, ...] = field(default=())

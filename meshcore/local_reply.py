@@ -1,0 +1,78 @@
+"""Envoy's local replies: status, body text, response flag and details (semantics.md §9).
+
+Each reply is a `LocalReply` constant, so the proxy and the access log agree on flag and details.
+"""
+from __future__ import annotations
+
+import time
+from email.utils import formatdate
+from http import HTTPStatus
+from typing import NamedTuple
+
+_RESET_PREFIX = "upstream connect error or disconnect/reset before headers. "
+
+
+class LocalReply(NamedTuple):
+    status: int
+    body: bytes
+    flag: str  # Envoy response flag (UH, UF, ...); "-" when none
+    details: str  # %RESPONSE_CODE_DETAILS%
+
+
+NO_ROUTE = LocalReply(404, b"", "NR", "route_not_found")
+NO_HEALTHY_UPSTREAM = LocalReply(503, b"no healthy upstream", "UH", "no_healthy_upstream")
+CONNECT_FAILURE = LocalReply(
+    503, (_RESET_PREFIX + "reset reason: remote connection failure").encode(), "UF",
+    "upstream_reset_before_response_started{remote_connection_failure}")
+CONNECT_TIMEOUT = LocalReply(
+    503, (_RESET_PREFIX + "reset reason: connection timeout").encode(), "UF",
+    "upstream_reset_before_response_started{connection_timeout}")
+CONNECTION_TERMINATION = LocalReply(
+    503, (_RESET_PREFIX + "reset reason: connection termination").encode(), "UC",
+    "upstream_reset_before_response_started{connection_termination}")
+UPSTREAM_PROTOCOL_ERROR = LocalReply(
+    502, (_RESET_PREFIX + "reset reason: protocol error").encode(), "UPE",
+    "upstream_reset_before_response_started{protocol_error}")
+ROUTE_TIMEOUT = LocalReply(504, b"upstream request timeout", "UT", "response_timeout")
+HTTP10_REJECTED = LocalReply(426, b"Upgrade Required", "-", "low_version")
+
+
+def downstream_protocol_error(status: int) -> LocalReply:
+    """Reply to a malformed request (hardening.md §1.6): Envoy flag DPE, body is the reason phrase."""
+    return LocalReply(status, reason_phrase(status), "DPE", "codec_error")
+
+
+_date_cache = [0, b""]
+
+
+def http_date() -> bytes:
+    """IMF-fixdate of the current second, formatted once per second."""
+    now = int(time.time())
+    if now != _date_cache[0]:
+        _date_cache[0] = now
+        _date_cache[1] = formatdate(now, usegmt=True).encode()
+    return _date_cache[1]
+
+
+_REASONS = {s.value: s.phrase.encode() for s in HTTPStatus}
+
+
+def reason_phrase(status: int) -> bytes:
+    return _REASONS.get(status, b"Unknown")
+
+
+def render(reply: LocalReply, close: bool = False, extra: bytes = b"") -> bytes:
+    """The full HTTP/1.1 response bytes of a local reply."""
+    body = reply.body
+    parts = [b"HTTP/1.1 %d %s\r\n" % (reply.status, reason_phrase(reply.status)),
+             b"content-length: %d\r\n" % len(body)]
+    if body:
+        parts.append(b"content-type: text/plain\r\n")
+    parts.append(b"date: " + http_date() + b"\r\nserver: envoy\r\n")
+    if extra:
+        parts.append(extra)
+    if close:
+        parts.append(b"connection: close\r\n")
+    parts.append(b"\r\n")
+    parts.append(body)
+    return b"".join(parts)

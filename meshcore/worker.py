@@ -1,0 +1,116 @@
+"""Worker process: its own SO_REUSEPORT listener, one trio run, config pushed by the supervisor.
+
+Control messages arrive over a multiprocessing pipe as (verb, payload) tuples:
+  ("config", (generation, sources))  compile and swap in (the supervisor validated it already)
+  ("drain", grace_seconds)           stop accepting, finish in-flight requests, exit
+Replies: ("ready", pid) once listening; ("loaded", generation) or ("error", text) after a config.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import sys
+
+import trio
+
+from meshcore.accesslog import AccessLog
+from meshcore.config.compile import compile_sources
+from meshcore.io.proxy import WorkerContext, serve_connection
+from meshcore.io.sockets import reuseport_listener
+
+IDLE_SWEEP_INTERVAL = 5.0
+LOG_FLUSH_INTERVAL = 0.2
+
+
+def worker_main(conn, listen: tuple[str, int], generation: int, sources: dict, options: dict) -> None:
+    """Entry point of a spawned worker process."""
+    # The supervisor owns signals: Ctrl-C on a terminal reaches the whole process group.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    try:
+        snapshot = compile_sources(sources, generation)
+    except Exception as exc:  # the supervisor validated it; this is a bug, report and die
+        conn.send(("error", f"worker {os.getpid()}: {exc}"))
+        sys.exit(3)
+    listener = reuseport_listener(*listen)
+    access_log = AccessLog(1) if options.get("access_log", True) else None
+    ctx = WorkerContext(snapshot, access_log, use_remote_address=options.get("use_remote_address", False))
+    try:
+        trio.run(_serve, ctx, listener, conn)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        if access_log is not None:
+            access_log.flush()
+
+
+async def _serve(ctx: WorkerContext, listener, conn) -> None:
+    async with trio.open_nursery() as nursery:
+        stop_accepting = trio.CancelScope()
+        nursery.start_soon(_accept_loop, ctx, listener, nursery, stop_accepting)
+        nursery.start_soon(_housekeeping, ctx)
+        conn.send(("ready", os.getpid()))
+        grace = await _control_loop(ctx, conn)
+        # Drain: stop accepting, let keep-alive connections finish their current request.
+        ctx.draining = True
+        stop_accepting.cancel()
+        listener.close()
+        ctx.close_idle()
+        with trio.move_on_after(grace):
+            while ctx.connections:
+                await trio.sleep(0.02)
+        if ctx.access_log is not None:
+            ctx.access_log.flush()
+        nursery.cancel_scope.cancel()
+
+
+async def _accept_loop(ctx, listener, nursery, scope) -> None:
+    with scope:
+        while True:
+            try:
+                sock, _ = listener.accept()
+            except BlockingIOError:
+                await trio.lowlevel.wait_readable(listener)
+                continue
+            except OSError as exc:
+                # EMFILE/ENFILE/ENOBUFS/ENOMEM mean overload: back off instead of spinning.
+                print(f"meshcore worker {os.getpid()}: accept failed: {exc}", file=sys.stderr)
+                await trio.sleep(0.1)
+                continue
+            sock.setblocking(False)
+            sock.setsockopt(6, 1, 1)  # TCP_NODELAY
+            nursery.start_soon(serve_connection, ctx, sock)
+
+
+async def _housekeeping(ctx) -> None:
+    """Flush the access log often, sweep expired idle upstream connections now and then."""
+    ticks_per_sweep = int(IDLE_SWEEP_INTERVAL / LOG_FLUSH_INTERVAL)
+    tick = 0
+    while True:
+        await trio.sleep(LOG_FLUSH_INTERVAL)
+        if ctx.access_log is not None:
+            ctx.access_log.flush()
+        tick += 1
+        if tick % ticks_per_sweep == 0:
+            ctx.sweep_idle()
+
+
+async def _control_loop(ctx, conn) -> float:
+    """Apply config pushes until told to drain; returns the drain grace period."""
+    while True:
+        await trio.lowlevel.wait_readable(conn.fileno())
+        try:
+            verb, payload = conn.recv()
+        except EOFError:  # the supervisor is gone: drain quickly
+            return 1.0
+        if verb == "config":
+            generation, sources = payload
+            try:
+                snapshot = compile_sources(sources, generation)
+            except Exception as exc:
+                conn.send(("error", str(exc)))
+                continue
+            ctx.install(snapshot)
+            conn.send(("loaded", generation))
+        elif verb == "drain":
+            return float(payload)

@@ -1,0 +1,282 @@
+"""Start real pods and the real proxy on 127.0.0.1, and talk raw HTTP/1.1 to them.
+
+The client here is deliberately independent of meshcore's parser, so tests do not trust the code
+they check.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+import urllib.request
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_port(port: int, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise TimeoutError(f"nothing listening on {port}")
+
+
+class Response:
+    def __init__(self, status, headers, body):
+        self.status = status
+        self.headers = headers  # list of (lowercase name, value) str pairs
+        self.body = body
+
+    def header(self, name):
+        for k, v in self.headers:
+            if k == name:
+                return v
+        return None
+
+    def header_all(self, name):
+        return [v for k, v in self.headers if k == name]
+
+    def __repr__(self):
+        return f"<Response {self.status} {self.headers} {self.body[:80]!r}>"
+
+
+class Client:
+    """A raw HTTP/1.1 client on one connection (keep-alive, pipelining)."""
+
+    def __init__(self, port: int, timeout: float = 10.0):
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+        self.buf = b""
+
+    def close(self):
+        self.sock.close()
+
+    def send(self, data: bytes):
+        self.sock.sendall(data)
+
+    def _fill(self) -> bool:
+        chunk = self.sock.recv(1 << 20)
+        if not chunk:
+            return False
+        self.buf += chunk
+        return True
+
+    def _line(self) -> bytes:
+        while b"\r\n" not in self.buf:
+            if not self._fill():
+                raise EOFError("connection closed")
+        line, self.buf = self.buf.split(b"\r\n", 1)
+        return line
+
+    def _exact(self, n: int) -> bytes:
+        while len(self.buf) < n:
+            if not self._fill():
+                raise EOFError("connection closed in body")
+        out, self.buf = self.buf[:n], self.buf[n:]
+        return out
+
+    def read_response(self, head_request=False, sink=None) -> Response:
+        while True:
+            status_line = self._line()
+            status = int(status_line.split(b" ")[1])
+            headers = []
+            while True:
+                line = self._line()
+                if not line:
+                    break
+                k, _, v = line.partition(b":")
+                headers.append((k.decode().lower(), v.strip().decode("latin-1")))
+            if status >= 200 or status == 101:
+                break
+        resp = Response(status, headers, b"")
+        if head_request or status in (204, 304):
+            return resp
+        te = resp.header("transfer-encoding")
+        cl = resp.header("content-length")
+        parts = []
+        size = 0
+
+        def take(b):
+            nonlocal size
+            size += len(b)
+            if sink is not None:
+                sink(b)
+            else:
+                parts.append(b)
+
+        if te is not None and te.lower() == "chunked":
+            while True:
+                n = int(self._line().split(b";")[0], 16)
+                if n == 0:
+                    while self._line():
+                        pass
+                    break
+                while n:
+                    if not self.buf:
+                        self._fill()
+                    piece = self.buf[:n]
+                    self.buf = self.buf[len(piece):]
+                    n -= len(piece)
+                    take(piece)
+                assert self._exact(2) == b"\r\n"
+        elif cl is not None:
+            n = int(cl)
+            while n:
+                if not self.buf and not self._fill():
+                    raise EOFError("short body")
+                piece = self.buf[:n]
+                self.buf = self.buf[len(piece):]
+                n -= len(piece)
+                take(piece)
+        else:
+            while True:
+                if self.buf:
+                    take(self.buf)
+                    self.buf = b""
+                if not self._fill():
+                    break
+        resp.body = b"".join(parts)
+        resp.body_size = size
+        return resp
+
+    def request(self, method="GET", path="/", host="myweb-service", headers=(), body=None) -> Response:
+        lines = [f"{method} {path} HTTP/1.1", f"Host: {host}"]
+        lines += [f"{k}: {v}" for k, v in headers]
+        if body is not None:
+            lines.append(f"Content-Length: {len(body)}")
+        data = ("\r\n".join(lines) + "\r\n\r\n").encode() + (body or b"")
+        self.send(data)
+        return self.read_response(head_request=(method == "HEAD"))
+
+    def is_closed(self, wait: float = 2.0) -> bool:
+        self.sock.settimeout(wait)
+        try:
+            return self.sock.recv(1) == b""
+        except (ConnectionResetError, BrokenPipeError):
+            return True
+        except socket.timeout:
+            return False
+
+
+def get(port, path="/", host="myweb-service", headers=()) -> Response:
+    c = Client(port)
+    try:
+        return c.request("GET", path, host, headers)
+    finally:
+        c.close()
+
+
+class Pods:
+    """Demo pods in a child process (python -m meshcore.demo)."""
+
+    def __init__(self, specs):
+        self.specs = specs  # [(name, port, text)]
+        args = [sys.executable, "-m", "meshcore.demo", "--quiet"]
+        for name, port, text in specs:
+            args += ["--pod", f"{name}:{port}:{text}"]
+        self.proc = subprocess.Popen(args, cwd=REPO, stdout=subprocess.DEVNULL)
+        for _, port, _ in specs:
+            wait_port(port)
+
+    def port(self, name):
+        return next(p for n, p, _ in self.specs if n == name)
+
+    def log(self, name, clear=False):
+        url = f"http://127.0.0.1:{self.port(name)}/__log" + ("?clear=1" if clear else "")
+        with urllib.request.urlopen(url, timeout=5) as r:
+            return json.loads(r.read())
+
+    def total_requests(self):
+        return sum(len(self.log(n)) for n, _, _ in self.specs)
+
+    def clear(self):
+        for n, _, _ in self.specs:
+            self.log(n, clear=True)
+
+    def stop(self):
+        self.proc.terminate()
+        self.proc.wait(5)
+
+
+class Proxy:
+    """`python -m meshcore run` as a child process, waited on until /ready says LIVE."""
+
+    def __init__(self, config_paths, workers=2, extra=(), log_path=None):
+        self.port = free_port()
+        self.admin = free_port()
+        args = [sys.executable, "-m", "meshcore", "run", "--listen", f"127.0.0.1:{self.port}",
+                "--admin", f"127.0.0.1:{self.admin}", "--workers", str(workers), "--drain-grace", "3"]
+        for p in config_paths:
+            args += ["--config", p]
+        args += list(extra)
+        self.log_path = log_path
+        self.out = open(log_path, "wb") if log_path else subprocess.DEVNULL
+        self.err = tempfile.TemporaryFile()  # a file, not a pipe: a chatty proxy must never block
+        self.proc = subprocess.Popen(args, cwd=REPO, stdout=self.out, stderr=self.err)
+        self.wait_ready()
+
+    def admin_get(self, path):
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.admin}{path}", timeout=5) as r:
+            return r.status, r.read()
+
+    def wait_ready(self, timeout=20.0):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"proxy exited {self.proc.returncode}: {self.stderr_text()}")
+            try:
+                status, _ = self.admin_get("/ready")
+                if status == 200:
+                    return
+            except OSError:
+                pass
+            time.sleep(0.05)
+        raise TimeoutError("proxy not ready")
+
+    def stderr_text(self):
+        self.err.seek(0)
+        return self.err.read().decode(errors="replace")
+
+    def info(self):
+        return json.loads(self.admin_get("/server_info")[1])
+
+    def signal(self, sig):
+        self.proc.send_signal(sig)
+
+    def stop(self):
+        if getattr(self, "_stopped_err", None) is not None:
+            return self._stopped_err
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        err = self.stderr_text()
+        self.err.close()
+        if self.log_path:
+            self.out.close()
+        self._stopped_err = err
+        return err
+
+
+def write_config(directory, text: str, name="mesh.yaml") -> str:
+    path = os.path.join(directory, name)
+    with open(path, "w") as f:
+        f.write(textwrap.dedent(text))
+    return path
