@@ -127,7 +127,7 @@ class WorkerContext:
     def sweep_idle(self) -> None:
         now = _monotonic()
         for state in self.clusters.values():
-            for conn in state.book.sweep(now, state.policy.idle_timeout):
+            for conn in state.book.sweep(now, state.idle_timeout):
                 conn.sock.close()
 
 
@@ -282,9 +282,8 @@ async def _checkout(state, ep: int):
     """An idle pooled connection of endpoint `ep`, or None."""
     book = state.book
     while True:
-        conn = book.take_idle(ep, _monotonic(), state.policy.idle_timeout)
-        for dead in book.pop_to_close():
-            book.on_close(ep)
+        conn = book.take_idle(ep, _monotonic(), state.idle_timeout)
+        for dead in book.pop_to_close():  # already uncounted by the book
             dead.sock.close()
         if conn is None:
             return None

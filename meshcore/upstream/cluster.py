@@ -5,6 +5,7 @@ reload that leaves a cluster alone keeps its warm connections.
 """
 from __future__ import annotations
 
+import math
 import random
 
 from meshcore.config.policy import ClusterPolicy
@@ -15,11 +16,13 @@ MAX_IDLE_PER_ENDPOINT = 64
 
 
 class ClusterState:
-    __slots__ = ("policy", "endpoints", "book", "balancer")
+    __slots__ = ("policy", "endpoints", "book", "balancer", "idle_timeout")
 
     def __init__(self, policy: ClusterPolicy, rng: random.Random):
         self.policy = policy
         self.endpoints = policy.endpoints
+        # Istio/Envoy: an idle timeout of 0 disables it.
+        self.idle_timeout = policy.idle_timeout or math.inf
         self.book = PoolBook(len(policy.endpoints), MAX_IDLE_PER_ENDPOINT)
         self.balancer = (make_balancer(policy.lb, [e.weight for e in policy.endpoints], rng)
                          if policy.endpoints else None)
