@@ -68,3 +68,6 @@ class Snapshot:
     vhosts: dict[str, VirtualHostPolicy]
     clusters: dict[str, ClusterPolicy]
     warnings: tuple[str, ...] = field(default=())
+    # meshcore.routing.table.RouteTable over `vhosts` (bytes keys, wildcard list), built by
+    # config.compile; find_route builds and caches it when a hand-made Snapshot lacks it.
+    route_table: object = None
