@@ -38,7 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="start the demo backends and the proxy on examples/demo")
     _add_run_flags(demo, config_required=False)
-    demo.add_argument("--backends-only", action="store_true", help=argparse.SUPPRESS)
+    sub.add_parser("bench", help="run the benchmark suite in bench/ (from a source checkout)",
+                   add_help=False)
     return parser
 
 
@@ -90,7 +91,20 @@ def cmd_run(args) -> int:
     return sup.run()
 
 
+def cmd_bench(argv) -> int:
+    try:
+        from bench.cli import main as bench_main
+    except ImportError as exc:
+        print(f"meshcore bench: the bench suite lives in bench/ of a source checkout; run it from "
+              f"the repository root ({exc})", file=sys.stderr)
+        return 2
+    return bench_main(argv)
+
+
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "bench":  # the suite parses its own flags
+        return cmd_bench(argv[1:])
     args = build_parser().parse_args(argv)
     if args.command == "check":
         return cmd_check(args.paths)

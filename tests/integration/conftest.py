@@ -136,10 +136,16 @@ def pods():
 
 
 @pytest.fixture(scope="session")
-def mesh_dir(tmp_path_factory, pods):
-    d = tmp_path_factory.mktemp("mesh")
+def mesh_ports(pods):
     ports = {n: pods.port(n) for n in POD_TEXT}
-    write_config(str(d), mesh_yaml(ports, free_port()))
+    ports["dead"] = free_port()  # nothing listens there: connection refused
+    return ports
+
+
+@pytest.fixture(scope="session")
+def mesh_dir(tmp_path_factory, mesh_ports):
+    d = tmp_path_factory.mktemp("mesh")
+    write_config(str(d), mesh_yaml(mesh_ports, mesh_ports["dead"]))
     return str(d)
 
 
