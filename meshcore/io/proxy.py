@@ -24,7 +24,7 @@ from meshcore import local_reply as lr
 from meshcore.errors import ProtocolError
 from meshcore.io.sockets import connect, is_stale, recv, send_all
 from meshcore.proto.wire import (BODY_CHUNKED, BODY_CLOSE, BODY_LENGTH, BODY_NONE, DATA, DONE,
-                                 ChunkedReader, parse_request, parse_response, request_body_kind,
+                                 MAX_REQUEST_HEAD, MAX_REQUEST_LINE, ChunkedReader, parse_request, parse_response, request_body_kind,
                                  response_body_kind)
 from meshcore.routing.table import find_route, pick_destination
 from meshcore.upstream.cluster import rebuild
@@ -157,7 +157,12 @@ async def serve_connection(ctx: WorkerContext, sock: socket.socket) -> None:
                         if not chunk:
                             return
                         data = data + chunk if data else chunk
-                        head = parse_request(data, 0)
+                        # The parser rescans from the start; parse again only when the answer can
+                        # have changed (a new line end, or a size limit crossed), so a client
+                        # trickling bytes costs linear, not quadratic, work.
+                        if b"\n" in chunk or len(data) > MAX_REQUEST_HEAD or (
+                                len(data) > MAX_REQUEST_LINE and b"\n" not in data):
+                            head = parse_request(data, 0)
                     scope.deadline = math.inf
                 keep, data = await handle_request(ctx, sock, head, data, local, remote)
                 if not keep:
