@@ -24,8 +24,8 @@ from meshcore import local_reply as lr
 from meshcore.errors import ProtocolError
 from meshcore.io.sockets import connect, is_stale, recv, send_all
 from meshcore.proto.wire import (BODY_CHUNKED, BODY_CLOSE, BODY_LENGTH, BODY_NONE, DATA, DONE,
-                                 MAX_REQUEST_HEAD, MAX_REQUEST_LINE, ChunkedReader, parse_request, parse_response, request_body_kind,
-                                 response_body_kind)
+                                 MAX_REQUEST_HEAD, MAX_REQUEST_LINE, ChunkedReader, parse_request,
+                                 parse_response, request_body_kind, response_body_kind)
 from meshcore.routing.table import find_route, pick_destination
 from meshcore.upstream.cluster import rebuild
 
@@ -223,6 +223,9 @@ async def _proxy(ctx, dsock, head, data, rec, t0):
     if head.version == 0:
         await _local(dsock, rec, lr.HTTP10_REJECTED, True)
         return False, b""
+    if head.method == b"CONNECT":  # no CONNECT routes (Envoy answers 404 without upgrade config)
+        await _local(dsock, rec, lr.NO_ROUTE, True)
+        return False, b""
     snap = ctx.snapshot
     route = find_route(snap, head.host, head)
     if route is None:
@@ -237,7 +240,7 @@ async def _proxy(ctx, dsock, head, data, rec, t0):
         return not close_on_local, data[head.end:]
 
     request_id = head.get(b"x-request-id")
-    upstream_head = _upstream_head(ctx, head, body_kind, body_len, route, rec, request_id, remote=rec.downstream_remote)
+    upstream_head = _upstream_head(ctx, head, body_kind, body_len, route, rec, request_id)
     if head.expect_continue:
         try:
             await send_all(dsock, CONTINUE_100)
@@ -257,7 +260,7 @@ async def _proxy(ctx, dsock, head, data, rec, t0):
     return await _attempt(ctx, dsock, head, data, rec, t0, state, upstream_head, body_kind, body_len)
 
 
-def _upstream_head(ctx, head, body_kind, body_len, route, rec, request_id, remote) -> bytes:
+def _upstream_head(ctx, head, body_kind, body_len, route, rec, request_id) -> bytes:
     parts = [head.method, b" ", head.path, b" HTTP/1.1\r\nhost: ", head.host or b"", b"\r\n",
              head.forward_headers()]
     if request_id is None:
@@ -266,6 +269,7 @@ def _upstream_head(ctx, head, body_kind, body_len, route, rec, request_id, remot
     rec.request_id = request_id
     if head.get(b"x-forwarded-proto") is None:
         parts.append(b"x-forwarded-proto: http\r\n")
+    remote = rec.downstream_remote
     if ctx.use_remote_address and remote:
         # Gateway-style behaviour (use_remote_address: true): append the peer address.
         peer = remote.rsplit(":", 1)[0].strip("[]").encode()
