@@ -34,7 +34,20 @@ UPSTREAM_PROTOCOL_ERROR = LocalReply(
     502, (_RESET_PREFIX + "reset reason: protocol error").encode(), "UPE",
     "upstream_reset_before_response_started{protocol_error}")
 ROUTE_TIMEOUT = LocalReply(504, b"upstream request timeout", "UT", "response_timeout")
+PER_TRY_TIMEOUT = LocalReply(504, b"upstream request timeout", "UT", "upstream_per_try_timeout")
+OVERFLOW = LocalReply(
+    503, (_RESET_PREFIX + "reset reason: overflow").encode(), "UO",
+    "upstream_reset_before_response_started{overflow}")
+OVERLOADED_HEADER = b"x-envoy-overloaded: true\r\n"
 HTTP10_REJECTED = LocalReply(426, b"Upgrade Required", "-", "low_version")
+
+
+def retried(reply: LocalReply) -> LocalReply:
+    """The same reset reply after retries: Envoy words it `retried and the latest reset reason`."""
+    if not reply.body.startswith(_RESET_PREFIX.encode()):
+        return reply
+    reason = reply.body[len(_RESET_PREFIX):].replace(b"reset reason: ", b"", 1)
+    return reply._replace(body=_RESET_PREFIX.encode() + b"retried and the latest reset reason: " + reason)
 
 
 def downstream_protocol_error(status: int) -> LocalReply:

@@ -28,6 +28,8 @@ import orjson
 import yaml
 
 from meshcore.config import istio
+from meshcore.policy.fault import fault_policy_from_istio
+from meshcore.policy.retry import DEFAULT_POLICY as DEFAULT_RETRY_POLICY, retry_policy_from_istio
 from meshcore.config.policy import (
     LB_LEAST_REQUEST,
     LB_RANDOM,
@@ -420,6 +422,8 @@ class _HttpRoute:
     matches: tuple  # tuple of tuples of RequestMatch, one per piece
     dests: tuple  # ((istio.Destination, weight, path), ...)
     timeout: float
+    retry: object  # RetryPolicy or None
+    fault: object  # FaultPolicy or None
 
 
 @dataclass
@@ -803,7 +807,7 @@ def _subset_endpoints(endpoints, labels: dict) -> list:
 
 
 _HTTP_UNIMPLEMENTED_FIELDS = (
-    ("retries", "retries"), ("fault", "fault"), ("mirror", "mirror"), ("mirror_percentage", "mirrorPercentage"),
+    ("mirror", "mirror"), ("mirror_percentage", "mirrorPercentage"),
     ("mirror_percent", "mirror_percent"), ("mirrors", "mirrors"), ("headers", "headers"), ("rewrite", "rewrite"),
     ("redirect", "redirect"), ("direct_response", "directResponse"), ("cors_policy", "corsPolicy"),
     ("delegate", "delegate"), ("websocket_upgrade", "websocketUpgrade"), ("append_headers", "appendHeaders"),
@@ -960,7 +964,14 @@ def _compile_http(vs_doc: _Doc, i: int, h: istio.HTTPRoute, rep: _Report) -> _Ht
         names = (base,)
         matches = (tuple(compiled),)
     timeout = h.timeout.seconds if h.timeout is not None else 0.0
-    return _HttpRoute(names, matches, tuple(dests), timeout)
+    # Consistent hashing (which drops the previous-hosts predicate) is not implemented yet.
+    retry, warns = retry_policy_from_istio(h.retries, False)
+    for field, msg in warns:
+        rep.warn(label, f"{path}.retries.{field}" if field else f"{path}.retries", msg)
+    fault, warns = fault_policy_from_istio(h.fault)
+    for field, msg in warns:
+        rep.warn(label, f"{path}.fault.{field}" if field else f"{path}.fault", msg)
+    return _HttpRoute(names, matches, tuple(dests), timeout, retry, fault)
 
 
 def _compile_virtual_services(vs_docs, rep: _Report) -> dict[str, _VsInfo]:
@@ -1137,7 +1148,8 @@ def compile_sources(sources: dict[str, bytes], generation: int = 0, *, resolver:
                 wcs = tuple(WeightedCluster(resolve_dest(d, port, info.doc.label, dp), w) for d, w, dp in r.dests)
                 total = sum(wc.weight for wc in wcs)
                 for name, ms in zip(r.names, r.matches):
-                    routes.append(RoutePolicy(name=name, matches=ms, destinations=wcs, total_weight=total, timeout=r.timeout))
+                    routes.append(RoutePolicy(name=name, matches=ms, destinations=wcs, total_weight=total,
+                                              timeout=r.timeout, retry=r.retry, fault=r.fault))
         if not routes:
             cname = f"outbound|{port}||{host}"
             if cname not in clusters:
@@ -1148,6 +1160,7 @@ def compile_sources(sources: dict[str, bytes], generation: int = 0, *, resolver:
                 destinations=(WeightedCluster(cname, 100),),
                 total_weight=100,
                 timeout=0.0,
+                retry=DEFAULT_RETRY_POLICY,  # istiod gives a VirtualService-less host its default
             ))
         vh = VirtualHostPolicy(name=f"{host}:{port}", routes=tuple(routes))
         vhosts[f"{host}:{port}"] = vh

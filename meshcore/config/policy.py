@@ -52,6 +52,8 @@ class RoutePolicy:
     destinations: tuple[WeightedCluster, ...] = ()
     total_weight: int = 0
     timeout: float = 0.0  # route timeout in seconds; 0 = none (Istio's default)
+    retry: object = None  # meshcore.policy.retry.RetryPolicy; None = no retries (attempts: 0)
+    fault: object = None  # meshcore.policy.fault.FaultPolicy or None
 
 
 @dataclass(frozen=True, slots=True)

@@ -22,47 +22,27 @@ import trio
 
 from meshcore import local_reply as lr
 from meshcore.errors import ProtocolError
-from meshcore.io.sockets import connect, is_stale, recv, send_all
-from meshcore.proto.wire import (BODY_CHUNKED, BODY_CLOSE, BODY_LENGTH, BODY_NONE, DATA, DONE,
-                                 MAX_REQUEST_HEAD, MAX_REQUEST_LINE, ChunkedReader, parse_request,
-                                 parse_response, request_body_kind, response_body_kind)
+from meshcore.io.body import DownstreamGone, RequestBody
+from meshcore.io.sockets import recv, send_all
+from meshcore.io.upstream import PER_TRY_TIMEOUT, Attempt, exchange, relay_response, release
+from meshcore.policy.classify import Kind
+from meshcore.policy.fault import DELAY_FLAG, decide_fault
+from meshcore.policy.retry import (RETRY_REQUEST_HEADERS, RetryState, final_flags, is_idempotent,
+                                   merge_request_overrides)
+from meshcore.policy.timeout import TIMEOUT_REQUEST_HEADERS, plan_deadlines, route_timeout_override
+from meshcore.proto.wire import (BODY_CHUNKED, BODY_LENGTH, BODY_NONE, MAX_REQUEST_HEAD,
+                                 MAX_REQUEST_LINE, parse_request, request_body_kind)
 from meshcore.routing.table import find_route, pick_destination
 from meshcore.upstream.cluster import rebuild
 
 HEADER_TIMEOUT = 10.0  # whole header section; trickling bytes does not extend it (hardening.md §3.5)
 IDLE_TIMEOUT = 3600.0  # downstream keep-alive idle timeout (Envoy's 1 h default)
-IDEMPOTENT = frozenset((b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"))
 CONTINUE_100 = b"HTTP/1.1 100 Continue\r\n\r\n"
-_RESPONSE_DROP = (b"server",)  # Envoy overwrites it (server_header_transformation OVERWRITE)
+# Envoy merges these client retry/timeout overrides into the route policy, then removes them.
+STRIPPED_REQUEST_HEADERS = tuple(h.lower() for h in RETRY_REQUEST_HEADERS + TIMEOUT_REQUEST_HEADERS)
 
 _monotonic = time.monotonic
 _wall = time.time
-
-
-class UpstreamFailure(Exception):
-    """An upstream attempt failed before any response byte went downstream."""
-
-    def __init__(self, reply: lr.LocalReply, retry_safe: bool = False):
-        self.reply = reply
-        self.retry_safe = retry_safe  # stale reused connection, zero response bytes: safe for idempotent
-
-
-class DownstreamGone(Exception):
-    """The client went away; nothing more can be sent to it."""
-
-
-class UpstreamConn:
-    __slots__ = ("sock", "ep", "requests", "local")
-
-    def __init__(self, sock: socket.socket, ep: int):
-        self.sock = sock
-        self.ep = ep
-        self.requests = 0
-        try:
-            host, port = sock.getsockname()[:2]
-            self.local = f"{host}:{port}"
-        except OSError:
-            self.local = None
 
 
 class RequestRecord:
@@ -205,9 +185,9 @@ async def handle_request(ctx: WorkerContext, dsock, head, data, local, remote):
     return keep and not ctx.draining, data
 
 
-async def _local(dsock, rec, reply: lr.LocalReply, close: bool, extra: bytes = b""):
+async def _local(dsock, rec, reply, close: bool, extra: bytes = b"", flags: str | None = None):
     rec.status = reply.status
-    rec.flags = reply.flag
+    rec.flags = flags or reply.flag
     rec.details = reply.details
     rec.bytes_sent = len(reply.body)
     try:
@@ -220,49 +200,69 @@ async def _proxy(ctx, dsock, head, data, rec, t0):
     body_kind, body_len = request_body_kind(head)
     # A local reply sent before the body was read leaves unread bytes: close, never guess framing.
     close_on_local = body_kind != BODY_NONE or not head.keep_alive
+    leftover = data[head.end:]
     if head.version == 0:
         await _local(dsock, rec, lr.HTTP10_REJECTED, True)
         return False, b""
     if head.method == b"CONNECT":  # no CONNECT routes (Envoy answers 404 without upgrade config)
         await _local(dsock, rec, lr.NO_ROUTE, True)
         return False, b""
-    snap = ctx.snapshot
-    route = find_route(snap, head.host, head)
+    route = find_route(ctx.snapshot, head.host, head)
     if route is None:
         await _local(dsock, rec, lr.NO_ROUTE, close_on_local)
-        return not close_on_local, data[head.end:]
+        return not close_on_local, leftover
     rec.route_name = route.name
-    cluster_name = pick_destination(route, ctx.rng.getrandbits(32))
+    rng = ctx.rng
+    if route.fault is not None:
+        delay, abort = decide_fault(route.fault, rng.getrandbits(32), rng.getrandbits(32))
+        if delay:
+            rec.flags = DELAY_FLAG
+            await trio.sleep(delay)
+        if abort is not None:
+            await _local(dsock, rec, route.fault.abort_reply, close_on_local)
+            return not close_on_local, leftover
+    cluster_name = pick_destination(route, rng.getrandbits(32))
     rec.cluster = cluster_name
     state = ctx.clusters.get(cluster_name)
     if state is None or state.balancer is None:
         await _local(dsock, rec, lr.NO_HEALTHY_UPSTREAM, close_on_local)
-        return not close_on_local, data[head.end:]
+        return not close_on_local, leftover
 
-    request_id = head.get(b"x-request-id")
-    upstream_head = _upstream_head(ctx, head, body_kind, body_len, route, rec, request_id)
+    retry = merge_request_overrides(route.retry, head.get)
+    timeout = route_timeout_override(route.timeout, head.get)
+    upstream_head = _upstream_head(ctx, head, body_kind, body_len, rec)
     if head.expect_continue:
         try:
             await send_all(dsock, CONTINUE_100)
         except OSError as exc:
             raise DownstreamGone() from exc
-
-    if route.timeout > 0:
-        with trio.CancelScope() as scope:
-            scope.deadline = trio.current_time() + route.timeout
-            result = await _attempt(ctx, dsock, head, data, rec, t0, state, upstream_head, body_kind, body_len)
+    body = RequestBody(dsock, head, data, body_kind, body_len,
+                       keep=retry is not None and retry.num_retries > 0)
+    # Envoy arms the route timer once the downstream request is complete; with a body still
+    # streaming, meshcore arms it when the first attempt starts (documented deviation).
+    deadlines = plan_deadlines(timeout, retry.per_try_timeout if retry is not None else 0.0,
+                               trio.current_time())
+    if deadlines.global_timeout_ms:
+        with trio.move_on_at(deadlines.global_deadline) as scope:
+            keep = await _forward(ctx, dsock, head, body, rec, t0, state, retry, deadlines,
+                                  upstream_head)
         if scope.cancelled_caught:
-            if rec.status:  # response already started: abort the client connection
+            if rec.status:  # the response already started: abort the client connection
+                rec.flags = "UT"
                 return False, b""
-            await _local(dsock, rec, lr.ROUTE_TIMEOUT, True)
+            await _local(dsock, rec, lr.ROUTE_TIMEOUT, True,
+                         flags="URX,UT" if rec.flags == "URX" else "UT")
             return False, b""
-        return result
-    return await _attempt(ctx, dsock, head, data, rec, t0, state, upstream_head, body_kind, body_len)
+    else:
+        keep = await _forward(ctx, dsock, head, body, rec, t0, state, retry, deadlines, upstream_head)
+    return keep, body.leftover
 
 
-def _upstream_head(ctx, head, body_kind, body_len, route, rec, request_id) -> bytes:
+def _upstream_head(ctx, head, body_kind, body_len, rec) -> bytes:
+    """The request line and headers shared by every attempt; per-attempt lines are appended."""
     parts = [head.method, b" ", head.path, b" HTTP/1.1\r\nhost: ", head.host or b"", b"\r\n",
-             head.forward_headers()]
+             head.forward_headers(STRIPPED_REQUEST_HEADERS)]
+    request_id = head.get(b"x-request-id")
     if request_id is None:
         request_id = _new_request_id()
         parts.append(b"x-request-id: " + request_id + b"\r\n")
@@ -275,343 +275,103 @@ def _upstream_head(ctx, head, body_kind, body_len, route, rec, request_id) -> by
         peer = remote.rsplit(":", 1)[0].strip("[]").encode()
         xff = head.get(b"x-forwarded-for")
         parts.append(b"x-forwarded-for: " + (xff + b"," + peer if xff else peer) + b"\r\n")
-    if route.timeout > 0:
-        parts.append(b"x-envoy-expected-rq-timeout-ms: %d\r\n" % int(route.timeout * 1000))
     if body_kind == BODY_LENGTH:
         parts.append(b"content-length: %d\r\n" % body_len)
     elif body_kind == BODY_CHUNKED:
         parts.append(b"transfer-encoding: chunked\r\n")
     elif head.content_length == 0:
         parts.append(b"content-length: 0\r\n")
-    parts.append(b"\r\n")
     return b"".join(parts)
 
 
-async def _checkout(state, ep: int):
-    """An idle pooled connection of endpoint `ep`, or None."""
-    book = state.book
-    while True:
-        conn = book.take_idle(ep, _monotonic(), state.idle_timeout)
-        for dead in book.pop_to_close():  # already uncounted by the book
-            dead.sock.close()
-        if conn is None:
-            return None
-        if is_stale(conn.sock):
-            book.on_close(ep)
-            conn.sock.close()
-            continue
-        return conn
-
-
-async def _open(state, ep: int) -> UpstreamConn:
-    endpoint = state.endpoints[ep]
+async def _forward(ctx, dsock, head, body, rec, t0, state, retry, deadlines, upstream_head) -> bool:
+    """The attempt loop: pick, exchange, classify, decide; then relay or reply. Returns keep-alive."""
+    rng = ctx.rng
+    st = RetryState(retry, body_replayable=True, idempotent=is_idempotent(head.method))
+    att = None
+    current = True
     try:
-        sock = await connect(endpoint.address, endpoint.port, state.policy.connect_timeout)
-    except TimeoutError:
-        raise UpstreamFailure(lr.CONNECT_TIMEOUT) from None
-    except OSError:
-        raise UpstreamFailure(lr.CONNECT_FAILURE) from None
-    state.book.on_open(ep)
-    return UpstreamConn(sock, ep)
-
-
-def _release(ctx, state, conn: UpstreamConn, reusable: bool) -> None:
-    policy = state.policy
-    if (reusable and not ctx.draining and ctx.clusters.get(policy.name) is state
-            and (policy.max_requests_per_connection == 0
-                 or conn.requests < policy.max_requests_per_connection)
-            and state.book.put_idle(conn.ep, conn, _monotonic())):
-        return
-    state.book.on_close(conn.ep)
-    conn.sock.close()
-
-
-async def _attempt(ctx, dsock, head, data, rec, t0, state, upstream_head, body_kind, body_len):
-    """Send the request to one endpoint and relay its response. Returns (keep_alive, leftover)."""
-    ep = state.balancer.pick(state.book)
-    rec.upstream_host = state.endpoints[ep].key
-    book = state.book
-    book.rq_start(ep)
-    exchange = _Exchange(dsock, head, data, rec, upstream_head, body_kind, body_len)
-    try:
-        try:
-            conn = await _checkout(state, ep)
-            rhead, rdata = await exchange.run(ctx, state, ep, conn)
-        except UpstreamFailure as failure:
-            if failure.retry_safe and head.method in IDEMPOTENT and body_kind == BODY_NONE:
-                # The stale keep-alive race: the request provably got no answer on a reused
-                # connection; replay it once on a fresh one (hardening.md §5 rule 2).
-                try:
-                    rhead, rdata = await exchange.run(ctx, state, ep, None)
-                    failure = None
-                except UpstreamFailure as again:
-                    failure = again
-            if failure is not None:
-                # Unread request body bytes leave the client connection in an unknown state.
-                keep = head.keep_alive and exchange.body_done
-                await _local(dsock, rec, failure.reply, not keep)
-                return keep, exchange.leftover
-        conn = exchange.conn
-        exchange.conn = None
+        decision = None
+        fresh = False
+        ep = -1
+        while True:
+            if decision is None or not decision.fresh_connection:
+                ep = state.balancer.pick(state.book, st.exclude)
+            rec.upstream_host = state.endpoints[ep].key
+            now = trio.current_time()
+            head_bytes = upstream_head + b"x-envoy-attempt-count: %d\r\n" % st.attempt_count
+            expected = deadlines.expected_timeout_ms(now)
+            if expected:
+                head_bytes += b"x-envoy-expected-rq-timeout-ms: %d\r\n" % expected
+            head_bytes += b"\r\n"
+            att = Attempt()
+            state.book.rq_start(ep)
+            try:
+                if deadlines.per_try_timeout_ms:
+                    with trio.move_on_at(deadlines.per_try_deadline(now)) as scope:
+                        await exchange(state, ep, att, body, head_bytes, st.attempt_count > 1, fresh)
+                    if scope.cancelled_caught:
+                        if att.conn is not None:
+                            release(state, att.conn, False, False)
+                            att.conn = None
+                        att.outcome = PER_TRY_TIMEOUT
+                else:
+                    await exchange(state, ep, att, body, head_bytes, st.attempt_count > 1, fresh)
+            finally:
+                state.book.rq_end(ep)
+            outcome = att.outcome
+            if att.conn is not None:
+                rec.upstream_local = att.conn.local
+            state.on_result(ep, outcome)
+            st.body_replayable = body.replayable and (body.done or body.keep)
+            decision = st.on_outcome(outcome, False, trio.current_time(), rng.getrandbits(32),
+                                     headers=att.rhead, host=ep)
+            if not decision.retry:
+                break
+            rec.flags = "URX"  # provisional: the final flags come from final_flags below
+            if att.conn is not None:  # a retriable response: its body is not wanted
+                release(state, att.conn, False, False)
+                att.conn = None
+            fresh = decision.fresh_connection
+            if decision.at > trio.current_time():
+                await trio.sleep_until(decision.at)
+        flags = final_flags(decision, outcome) or "-"
+        if outcome.kind is not Kind.RESPONSE:
+            reply = _FAILURE_REPLIES[outcome.kind]
+            if st.attempt_count > 1:
+                reply = lr.retried(reply)
+            keep = head.keep_alive and body.done
+            await _local(dsock, rec, reply, not keep,
+                         extra=lr.OVERLOADED_HEADER if outcome.kind is Kind.OVERFLOW else b"",
+                         flags=flags)
+            return keep
         service_ms = int((_monotonic() - t0) * 1000)
         rec.upstream_service_time = service_ms
+        rec.flags = flags
+        conn = att.conn
+        att.conn = None
         try:
-            reusable, complete = await _relay_response(dsock, conn, head, rhead, rdata, rec, service_ms)
+            reusable, complete = await relay_response(dsock, conn, head, att.rhead, att.rdata, rec,
+                                                      service_ms)
         except BaseException:
-            _release(ctx, state, conn, False)
+            release(state, conn, False, False)
             raise
-        _release(ctx, state, conn, reusable)
-        return complete and head.keep_alive, exchange.leftover
+        release(state, conn, reusable and not ctx.draining,
+                ctx.clusters.get(state.policy.name) is state)
+        return complete and head.keep_alive and body.done
     finally:
-        book.rq_end(ep)
-        if exchange.conn is not None:  # cancelled or the client vanished mid-flight
-            _release(ctx, state, exchange.conn, False)
-            exchange.conn = None
+        st.release()
+        if att is not None and att.conn is not None:  # cancelled or the client vanished mid-flight
+            release(state, att.conn, False, False)
 
 
-class _Exchange:
-    """One request/response-head exchange on one upstream connection (reused or new)."""
-
-    __slots__ = ("dsock", "head", "data", "rec", "upstream_head", "body_kind", "body_len", "conn",
-                 "leftover", "body_done")
-
-    def __init__(self, dsock, head, data, rec, upstream_head, body_kind, body_len):
-        self.dsock = dsock
-        self.head = head
-        self.data = data
-        self.rec = rec
-        self.upstream_head = upstream_head
-        self.body_kind = body_kind
-        self.body_len = body_len
-        self.conn = None
-        self.leftover = data[head.end:] if body_kind == BODY_NONE else b""
-        self.body_done = body_kind == BODY_NONE
-
-    async def run(self, ctx, state, ep, conn):
-        """Returns the response head and the bytes read with it; leaves the connection in self.conn."""
-        reused = conn is not None
-        if conn is None:
-            conn = await _open(state, ep)
-        self.conn = conn
-        self.rec.upstream_local = conn.local
-        conn.requests += 1
-        try:
-            if not self.body_done or self.body_kind == BODY_NONE:
-                self.leftover = await _send_request(self.dsock, conn, self.head, self.data, self.rec,
-                                                    self.upstream_head, self.body_kind, self.body_len,
-                                                    reused)
-                self.body_done = True
-            return await _read_response_head(conn, self.head, reused)
-        except UpstreamFailure:
-            self.conn = None
-            _release(ctx, state, conn, False)
-            raise
-
-
-async def _send_request(dsock, conn, head, data, rec, upstream_head, body_kind, body_len, reused):
-    """Send head and body upstream, reading the body from the client as it comes.
-
-    Returns the bytes received from the client after this request (a pipelined next request).
-    """
-    usock = conn.sock
-    pos = head.end
-    try:
-        if body_kind == BODY_NONE:
-            await send_all(usock, upstream_head)
-            return data[pos:]
-        if body_kind == BODY_LENGTH:
-            remaining = body_len
-            have = min(len(data) - pos, remaining)
-            await send_all(usock, upstream_head + data[pos:pos + have] if have else upstream_head)
-            rec.bytes_received = have
-            remaining -= have
-            leftover = data[pos + have:]
-            while remaining:
-                chunk = await _recv_downstream(dsock)
-                if len(chunk) > remaining:
-                    leftover = chunk[remaining:]
-                    chunk = chunk[:remaining]
-                remaining -= len(chunk)
-                rec.bytes_received += len(chunk)
-                await send_all(usock, chunk)
-            return leftover
-        # chunked: decode strictly, re-frame canonically
-        reader = ChunkedReader()
-        await send_all(usock, upstream_head)
-        buf = data
-        while True:
-            out = []
-            while True:
-                kind, a, b = reader.step(buf, pos, len(buf))
-                if kind == DATA:
-                    out.append(b"%x\r\n" % (b - a))
-                    out.append(buf[a:b])
-                    out.append(b"\r\n")
-                    rec.bytes_received += b - a
-                    pos = b
-                elif kind == DONE:
-                    out.append(b"0\r\n\r\n")
-                    await send_all(usock, b"".join(out))
-                    return buf[a:]
-                else:
-                    pos = a
-                    break
-            if out:
-                await send_all(usock, b"".join(out))
-            chunk = await _recv_downstream(dsock)
-            buf = buf[pos:] + chunk
-            pos = 0
-    except OSError:
-        # Upstream vanished while we were sending. If it was a reused connection and nothing came
-        # back, the request may never have reached the application.
-        raise UpstreamFailure(lr.CONNECTION_TERMINATION, retry_safe=reused) from None
-
-
-async def _recv_downstream(dsock) -> bytes:
-    try:
-        chunk = await recv(dsock)
-    except OSError as exc:
-        raise DownstreamGone() from exc
-    if not chunk:
-        raise DownstreamGone()
-    return chunk
-
-
-async def _read_response_head(conn, head, reused):
-    """Read until a final (non-1xx) response head. 1xx are swallowed, as Envoy does by default."""
-    usock = conn.sock
-    data = b""
-    while True:
-        try:
-            chunk = await recv(usock)
-        except OSError:
-            chunk = b""
-        if not chunk:
-            raise UpstreamFailure(lr.CONNECTION_TERMINATION, retry_safe=reused and not data)
-        data = data + chunk if data else chunk
-        try:
-            rhead = parse_response(data, 0)
-            while rhead is not None and rhead.status < 200:
-                if rhead.status == 101:  # never asked for: an unsolicited upgrade
-                    raise ProtocolError("unsolicited 101", 502)
-                data = data[rhead.end:]
-                rhead = parse_response(data, 0) if data else None
-        except ProtocolError:
-            raise UpstreamFailure(lr.UPSTREAM_PROTOCOL_ERROR) from None
-        if rhead is not None:
-            return rhead, data
-
-
-async def _relay_response(dsock, conn, req, rhead, data, rec, service_ms):
-    """Stream the response downstream. Returns (upstream reusable, response complete)."""
-    try:
-        kind, length = response_body_kind(rhead, req.method == b"HEAD")
-    except ProtocolError:
-        await _local(dsock, rec, lr.UPSTREAM_PROTOCOL_ERROR, False)
-        return False, True
-    status = rhead.status
-    rec.status = status
-    rec.details = "via_upstream"
-    parts = [b"HTTP/1.1 %d %s\r\n" % (status, rhead.reason), rhead.forward_headers(_RESPONSE_DROP),
-             b"server: envoy\r\nx-envoy-upstream-service-time: %d\r\n" % service_ms]
-    if kind == BODY_LENGTH:
-        parts.append(b"content-length: %d\r\n" % length)
-    elif kind == BODY_CHUNKED or kind == BODY_CLOSE:
-        parts.append(b"transfer-encoding: chunked\r\n")
-    elif rhead.content_length >= 0 and status >= 200 and status != 204:
-        parts.append(b"content-length: %d\r\n" % rhead.content_length)  # HEAD / 304 keep theirs
-    if not req.keep_alive:
-        parts.append(b"connection: close\r\n")
-    parts.append(b"\r\n")
-    pos = rhead.end
-    usock = conn.sock
-    try:
-        if kind == BODY_NONE:
-            await send_all(dsock, b"".join(parts))
-            return rhead.keep_alive and len(data) == pos, True
-        if kind == BODY_LENGTH:
-            have = min(len(data) - pos, length)
-            parts.append(data[pos:pos + have])
-            await send_all(dsock, b"".join(parts))
-            sent = have
-            stray = len(data) > pos + have
-            while sent < length:
-                chunk = await _recv_upstream(usock)
-                if not chunk:
-                    rec.flags = "UC"
-                    rec.bytes_sent = sent
-                    return False, False
-                if len(chunk) > length - sent:
-                    stray = True
-                    chunk = chunk[:length - sent]
-                sent += len(chunk)
-                await send_all(dsock, chunk)
-            rec.bytes_sent = sent
-            return rhead.keep_alive and not stray, True
-        if kind == BODY_CLOSE:
-            body = data[pos:]
-            if body:
-                parts.append(b"%x\r\n" % len(body) + body + b"\r\n")
-            await send_all(dsock, b"".join(parts))
-            sent = len(body)
-            while True:
-                chunk = await _recv_upstream(usock)
-                if not chunk:
-                    await send_all(dsock, b"0\r\n\r\n")
-                    rec.bytes_sent = sent
-                    return False, True
-                sent += len(chunk)
-                await send_all(dsock, b"%x\r\n" % len(chunk) + chunk + b"\r\n")
-        # chunked
-        await send_all(dsock, b"".join(parts))
-        reader = ChunkedReader()
-        buf = data
-        sent = 0
-        while True:
-            out = []
-            while True:
-                try:
-                    step, a, b = reader.step(buf, pos, len(buf))
-                except ProtocolError:
-                    rec.flags = "UPE"
-                    rec.bytes_sent = sent
-                    if out:
-                        await send_all(dsock, b"".join(out))
-                    return False, False
-                if step == DATA:
-                    out.append(b"%x\r\n" % (b - a))
-                    out.append(buf[a:b])
-                    out.append(b"\r\n")
-                    sent += b - a
-                    pos = b
-                elif step == DONE:
-                    out.append(b"0\r\n\r\n")
-                    await send_all(dsock, b"".join(out))
-                    rec.bytes_sent = sent
-                    return rhead.keep_alive and a == len(buf), True
-                else:
-                    pos = a
-                    break
-            if out:
-                await send_all(dsock, b"".join(out))
-            chunk = await _recv_upstream(usock)
-            if not chunk:
-                rec.flags = "UC"
-                rec.bytes_sent = sent
-                return False, False
-            buf = buf[pos:] + chunk
-            pos = 0
-    except OSError as exc:
-        # The client went away mid-response (downstream connection termination).
-        rec.flags = "DC"
-        raise DownstreamGone() from exc
-
-
-async def _recv_upstream(usock) -> bytes:
-    try:
-        return await recv(usock)
-    except OSError:
-        return b""
-
+_FAILURE_REPLIES = {
+    Kind.CONNECT_FAILURE: lr.CONNECT_FAILURE,
+    Kind.CONNECT_TIMEOUT: lr.CONNECT_TIMEOUT,
+    Kind.RESET_BEFORE_RESPONSE: lr.CONNECTION_TERMINATION,
+    Kind.PROTOCOL_ERROR: lr.UPSTREAM_PROTOCOL_ERROR,
+    Kind.PER_TRY_TIMEOUT: lr.PER_TRY_TIMEOUT,
+    Kind.OVERFLOW: lr.OVERFLOW,
+}
 
 __all__ = ["WorkerContext", "serve_connection"]

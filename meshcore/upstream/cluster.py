@@ -27,6 +27,16 @@ class ClusterState:
         self.balancer = (make_balancer(policy.lb, [e.weight for e in policy.endpoints], rng)
                          if policy.endpoints else None)
 
+    # Hooks the I/O shell calls; stats, outlier detection and breakers hang off them.
+    def on_open(self, ep: int) -> None:
+        """A new upstream connection to endpoint `ep` was established."""
+
+    def on_idle(self, ep: int) -> None:
+        """A connection of endpoint `ep` went back to the idle pool."""
+
+    def on_result(self, ep: int, outcome) -> None:
+        """One attempt on endpoint `ep` ended with `outcome` (meshcore.policy.classify)."""
+
 
 def rebuild(old: dict[str, ClusterState], clusters: dict[str, ClusterPolicy],
             rng: random.Random) -> tuple[dict[str, ClusterState], list]:

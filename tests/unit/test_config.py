@@ -147,9 +147,9 @@ def test_seed_retry():
     assert r.name == "retry-vs" and r.timeout == 15.0
     assert [d.cluster for d in r.destinations] == ["outbound|80||retry-service"]
     assert set(s.clusters) == BASE_CLUSTERS
-    assert s.warnings == (
-        os.path.join(SEED, "1-retry", "retry-vs.yaml") + ": VirtualService retry-vs: spec.http[0].retries: " + NI,
-    )
+    assert s.warnings == ()
+    assert r.retry.num_retries == 15 and r.retry.per_try_timeout == 1.0
+    assert r.retry.retry_on_string == "5xx,gateway-error,reset"
 
 
 def test_seed_circuit_breaker():
@@ -162,7 +162,6 @@ def test_seed_circuit_breaker():
     assert len(c.endpoints) == 3
     tails = [w.split(": ", 2)[2] for w in s.warnings]
     assert tails == [
-        "spec.http[0].retries: " + NI,
         "spec.trafficPolicy.connectionPool.tcp.maxConnections: " + NI,
         "spec.trafficPolicy.connectionPool.http.http1MaxPendingRequests: " + NI,
         "spec.trafficPolicy.outlierDetection: " + NI,
@@ -683,8 +682,6 @@ def test_virtual_service_unimplemented_fields_warn():
     assert tails(s) == [
         "spec.tcp: " + NI,
         "spec.tls: " + NI,
-        "spec.http[0].retries: " + NI,
-        "spec.http[0].fault: " + NI,
         "spec.http[0].mirror: " + NI,
         "spec.http[0].mirrorPercentage: " + NI,
         "spec.http[0].mirror_percent: " + NI,
@@ -738,12 +735,14 @@ def test_istio_14_fields_decode_and_warn():
         tls: {mode: ISTIO_MUTUAL}
     """))
     assert tails(s) == [
-        "spec.http[0].fault: " + NI,
         "spec.http[0].corsPolicy: " + NI,
         "spec.http[0].websocketUpgrade: " + NI,
         "spec.http[0].appendHeaders: " + NI,
         "spec.http[0].removeResponseHeaders: " + NI,
         "spec.http[0].route[0].appendRequestHeaders: " + NI,
+        "spec.http[0].fault.abort.percent: abort.percent (Istio <= 1.4) is ignored by current Istio; "
+        "use abort.percentage",
+        "spec.http[0].fault.abort.percentage: no percentage (or 0%): the abort is never injected",
         "spec.trafficPolicy.loadBalancer.consistentHash: " + NI,
         "spec.trafficPolicy.outlierDetection: " + NI,
         "spec.trafficPolicy.tls: " + NI,
