@@ -1,0 +1,1 @@
+"""Shared memory between the supervisor and the workers: byte layout, atomics, segment."""
