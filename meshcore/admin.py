@@ -1,4 +1,5 @@
-"""Admin endpoint in the supervisor (never on a worker's hot path): /ready, /config_dump, /server_info.
+"""Admin endpoint in the supervisor (never on a worker's hot path): /ready, /stats, /config_dump,
+/server_info.
 
 Like Envoy's admin port it must stay on loopback: the CLI refuses a non-loopback address unless
 explicitly allowed.
@@ -44,8 +45,10 @@ def handle(supervisor, method: bytes, path: bytes) -> bytes:
     if path == b"/server_info":
         return _response(200, orjson.dumps(supervisor.server_info(), option=orjson.OPT_INDENT_2),
                          b"application/json")
+    if path == b"/stats":
+        return _response(200, supervisor.stats_text().encode())
     if path == b"/":
-        return _response(200, b"meshcore admin: /ready /config_dump /server_info\n")
+        return _response(200, b"meshcore admin: /ready /stats /config_dump /server_info\n")
     return _response(404, b"not found\n")
 
 

@@ -1,7 +1,8 @@
 """Worker process: its own SO_REUSEPORT listener, one trio run, config pushed by the supervisor.
 
 Control messages arrive over a multiprocessing pipe as (verb, payload) tuples:
-  ("config", (generation, sources))  compile and swap in (the supervisor validated it already)
+  ("config", (generation, sources, slots))  compile and swap in (validated by the supervisor;
+                                            `slots` maps clusters to shared-memory rows)
   ("drain", grace_seconds)           stop accepting, finish in-flight requests, exit
 Replies: ("ready", pid) once listening; ("loaded", generation) or ("error", text) after a config.
 """
@@ -17,13 +18,15 @@ from meshcore.accesslog import AccessLog
 from meshcore.config.compile import compile_sources
 from meshcore.io.proxy import WorkerContext, serve_connection
 from meshcore.io.sockets import reuseport_listener
+from meshcore.shm.segment import Segment
 
 IDLE_SWEEP_INTERVAL = 5.0
 LOG_FLUSH_INTERVAL = 0.2
 
 
-def worker_main(conn, listen: tuple[str, int], generation: int, sources: dict, options: dict) -> None:
-    """Entry point of a spawned worker process."""
+def worker_main(conn, index: int, segment_name: str, listen: tuple[str, int], generation: int,
+                sources: dict, slots: dict, options: dict) -> None:
+    """Entry point of a spawned worker process (`index`: its stats row in shared memory)."""
     # The supervisor owns signals: Ctrl-C on a terminal reaches the whole process group.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
@@ -32,9 +35,11 @@ def worker_main(conn, listen: tuple[str, int], generation: int, sources: dict, o
     except Exception as exc:  # the supervisor validated it; this is a bug, report and die
         conn.send(("error", f"worker {os.getpid()}: {exc}"))
         sys.exit(3)
+    segment = Segment.attach(segment_name)
     listener = reuseport_listener(*listen)
     access_log = AccessLog(1) if options.get("access_log", True) else None
-    ctx = WorkerContext(snapshot, access_log, use_remote_address=options.get("use_remote_address", False))
+    ctx = WorkerContext(snapshot, slots, segment, index, access_log,
+                        use_remote_address=options.get("use_remote_address", False))
     try:
         trio.run(_serve, ctx, listener, conn)
     except KeyboardInterrupt:
@@ -104,13 +109,13 @@ async def _control_loop(ctx, conn) -> float:
         except EOFError:  # the supervisor is gone: drain quickly
             return 1.0
         if verb == "config":
-            generation, sources = payload
+            generation, sources, slots = payload
             try:
                 snapshot = compile_sources(sources, generation)
             except Exception as exc:
                 conn.send(("error", str(exc)))
                 continue
-            ctx.install(snapshot)
+            ctx.install(snapshot, slots)
             conn.send(("loaded", generation))
         elif verb == "drain":
             return float(payload)

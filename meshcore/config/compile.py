@@ -29,6 +29,8 @@ import yaml
 
 from meshcore.config import istio
 from meshcore.policy.fault import fault_policy_from_istio
+from meshcore.upstream.breaker import breaker_limits_from_istio
+from meshcore.upstream.outlier import outlier_policy_from_istio
 from meshcore.policy.retry import DEFAULT_POLICY as DEFAULT_RETRY_POLICY, retry_policy_from_istio
 from meshcore.config.policy import (
     LB_LEAST_REQUEST,
@@ -628,11 +630,9 @@ def _check_lb(lb: istio.LoadBalancerSettings | None, path: str, label: str, rep:
             rep.warn(label, f"{path}.{name}")
 
 
-_TCP_UNIMPLEMENTED = (("max_connections", "maxConnections"), ("tcp_keepalive", "tcpKeepalive"),
+_TCP_UNIMPLEMENTED = (("tcp_keepalive", "tcpKeepalive"),
                       ("max_connection_duration", "maxConnectionDuration"), ("idle_timeout", "idleTimeout"))
-_HTTP_UNIMPLEMENTED = (("http1_max_pending_requests", "http1MaxPendingRequests"),
-                       ("http2_max_requests", "http2MaxRequests"), ("max_retries", "maxRetries"),
-                       ("h2_upgrade_policy", "h2UpgradePolicy"), ("use_client_protocol", "useClientProtocol"),
+_HTTP_UNIMPLEMENTED = (("h2_upgrade_policy", "h2UpgradePolicy"), ("use_client_protocol", "useClientProtocol"),
                        ("max_concurrent_streams", "maxConcurrentStreams"), ("http2_keep_alive", "http2KeepAlive"))
 
 
@@ -659,7 +659,9 @@ def _check_policy_parts(p, path: str, label: str, rep: _Report) -> None:
     _check_lb(p.load_balancer, f"{path}.loadBalancer", label, rep)
     _check_cp(p.connection_pool, f"{path}.connectionPool", label, rep)
     if p.outlier_detection is not None:
-        rep.warn(label, f"{path}.outlierDetection")
+        _, warns = outlier_policy_from_istio(p.outlier_detection, check_mep_on_first_eject=True)
+        for msg in warns:  # each starts with its "outlierDetection.<field>" path
+            rep.warn(label, path, msg)
     if p.tls is not None and (p.tls.mode or "DISABLE") != "DISABLE":
         rep.warn(label, f"{path}.tls")
 
@@ -773,7 +775,11 @@ def _cluster(name: str, host: str, port: int, subset: str, endpoints, dr: _DrInf
     connect_timeout = DEFAULT_CONNECT_TIMEOUT
     idle_timeout = DEFAULT_IDLE_TIMEOUT
     max_rpc = 0
+    od = comps["outlier_detection"]
+    # Envoy 1.40's maxEjectionPercent rule (check_mep_on_first_eject), the reference here.
+    outlier = outlier_policy_from_istio(od, check_mep_on_first_eject=True)[0] if od is not None else None
     cp = comps["connection_pool"]
+    limits = breaker_limits_from_istio(cp) if cp is not None else None
     if cp is not None:
         if cp.tcp is not None and cp.tcp.connect_timeout is not None:
             connect_timeout = cp.tcp.connect_timeout.seconds
@@ -792,6 +798,8 @@ def _cluster(name: str, host: str, port: int, subset: str, endpoints, dr: _DrInf
         connect_timeout=connect_timeout,
         idle_timeout=idle_timeout,
         max_requests_per_connection=max_rpc,
+        outlier=outlier,
+        limits=limits,
     )
 
 

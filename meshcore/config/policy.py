@@ -36,6 +36,8 @@ class ClusterPolicy:
     connect_timeout: float = 10.0  # seconds; Istio MeshConfig default
     idle_timeout: float = 3600.0  # upstream connection idle timeout, seconds (Envoy default 1 h)
     max_requests_per_connection: int = 0  # 0 = unlimited, 1 = no keep-alive
+    outlier: object = None  # meshcore.upstream.outlier.OutlierPolicy; None = no detector
+    limits: object = None  # meshcore.upstream.breaker.BreakerLimits; None = Istio's unlimited
 
 
 @dataclass(frozen=True, slots=True)

@@ -24,7 +24,8 @@ from meshcore import local_reply as lr
 from meshcore.errors import ProtocolError
 from meshcore.io.body import DownstreamGone, RequestBody
 from meshcore.io.sockets import recv, send_all
-from meshcore.io.upstream import PER_TRY_TIMEOUT, Attempt, exchange, relay_response, release
+from meshcore.io.upstream import (OVERFLOW, PER_TRY_TIMEOUT, Attempt, exchange, relay_response,
+                                  release)
 from meshcore.policy.classify import Kind
 from meshcore.policy.fault import DELAY_FLAG, decide_fault
 from meshcore.policy.retry import (RETRY_REQUEST_HEADERS, RetryState, final_flags, is_idempotent,
@@ -33,6 +34,7 @@ from meshcore.policy.timeout import TIMEOUT_REQUEST_HEADERS, plan_deadlines, rou
 from meshcore.proto.wire import (BODY_CHUNKED, BODY_LENGTH, BODY_NONE, MAX_REQUEST_HEAD,
                                  MAX_REQUEST_LINE, parse_request, request_body_kind)
 from meshcore.routing.table import find_route, pick_destination
+from meshcore.shm.layout import W_INDEX, W_UPSTREAM_RQ_RETRY_SUCCESS, W_UPSTREAM_RQ_TIMEOUT
 from meshcore.upstream.cluster import rebuild
 
 HEADER_TIMEOUT = 10.0  # whole header section; trickling bytes does not extend it (hardening.md §3.5)
@@ -80,35 +82,41 @@ def _new_request_id() -> bytes:
 class WorkerContext:
     """Everything one worker process shares between its connections."""
 
-    def __init__(self, snapshot, access_log=None, use_remote_address=False):
+    def __init__(self, snapshot, slots, segment, worker: int, access_log=None,
+                 use_remote_address=False):
         self.rng = random.Random()
+        self.segment = segment
+        self.worker = worker
         self.snapshot = None
         self.clusters = {}
         self.access_log = access_log
         self.use_remote_address = use_remote_address
         self.draining = False
         self.connections = 0
-        self.idle_conns = 0
-        self.install(snapshot)
+        self.install(snapshot, slots)
 
-    def install(self, snapshot) -> None:
+    def install(self, snapshot, slots) -> None:
         """Swap in a new snapshot by reference; unchanged clusters keep their warm connections."""
-        states, to_close = rebuild(self.clusters, snapshot.clusters, self.rng)
+        states, to_close = rebuild(self.clusters, snapshot.clusters, slots, self.rng,
+                                   self.segment, self.worker)
         self.snapshot = snapshot
         self.clusters = states
-        for conn in to_close:
+        for state, conn in to_close:
             conn.sock.close()
+            state.on_close(conn.ep)
 
     def close_idle(self) -> None:
         for state in self.clusters.values():
             for conn in state.book.drain_all():
                 conn.sock.close()
+                state.on_close(conn.ep)
 
     def sweep_idle(self) -> None:
         now = _monotonic()
         for state in self.clusters.values():
             for conn in state.book.sweep(now, state.idle_timeout):
                 conn.sock.close()
+                state.on_close(conn.ep)
 
 
 # === downstream connection loop ===
@@ -247,6 +255,7 @@ async def _proxy(ctx, dsock, head, data, rec, t0):
             keep = await _forward(ctx, dsock, head, body, rec, t0, state, retry, deadlines,
                                   upstream_head)
         if scope.cancelled_caught:
+            state.stats.inc(W_UPSTREAM_RQ_TIMEOUT)
             if rec.status:  # the response already started: abort the client connection
                 rec.flags = "UT"
                 return False, b""
@@ -287,7 +296,9 @@ def _upstream_head(ctx, head, body_kind, body_len, rec) -> bytes:
 async def _forward(ctx, dsock, head, body, rec, t0, state, retry, deadlines, upstream_head) -> bool:
     """The attempt loop: pick, exchange, classify, decide; then relay or reply. Returns keep-alive."""
     rng = ctx.rng
-    st = RetryState(retry, body_replayable=True, idempotent=is_idempotent(head.method))
+    st = RetryState(retry, body_replayable=True, idempotent=is_idempotent(head.method),
+                    try_acquire_retry=state.try_retry, release_retry=state.end_retry)
+    stats = state.stats
     att = None
     current = True
     try:
@@ -296,7 +307,12 @@ async def _forward(ctx, dsock, head, body, rec, t0, state, retry, deadlines, ups
         ep = -1
         while True:
             if decision is None or not decision.fresh_connection:
-                ep = state.balancer.pick(state.book, st.exclude)
+                ep = state.pick(st.exclude)
+                if ep < 0:  # every host ejected and no panic: Envoy's fast 503
+                    keep = head.keep_alive and body.done
+                    await _local(dsock, rec, lr.NO_HEALTHY_UPSTREAM, not keep,
+                                 flags="URX,UH" if st.attempt_count > 1 else "UH")
+                    return keep
             rec.upstream_host = state.endpoints[ep].key
             now = trio.current_time()
             head_bytes = upstream_head + b"x-envoy-attempt-count: %d\r\n" % st.attempt_count
@@ -305,20 +321,10 @@ async def _forward(ctx, dsock, head, body, rec, t0, state, retry, deadlines, ups
                 head_bytes += b"x-envoy-expected-rq-timeout-ms: %d\r\n" % expected
             head_bytes += b"\r\n"
             att = Attempt()
-            state.book.rq_start(ep)
-            try:
-                if deadlines.per_try_timeout_ms:
-                    with trio.move_on_at(deadlines.per_try_deadline(now)) as scope:
-                        await exchange(state, ep, att, body, head_bytes, st.attempt_count > 1, fresh)
-                    if scope.cancelled_caught:
-                        if att.conn is not None:
-                            release(state, att.conn, False, False)
-                            att.conn = None
-                        att.outcome = PER_TRY_TIMEOUT
-                else:
-                    await exchange(state, ep, att, body, head_bytes, st.attempt_count > 1, fresh)
-            finally:
-                state.book.rq_end(ep)
+            if not state.try_request():  # over http2MaxRequests (active requests)
+                att.outcome = OVERFLOW
+            else:
+                await _run_attempt(state, ep, att, body, head_bytes, st, deadlines, now, fresh)
             outcome = att.outcome
             if att.conn is not None:
                 rec.upstream_local = att.conn.local
@@ -326,7 +332,13 @@ async def _forward(ctx, dsock, head, body, rec, t0, state, retry, deadlines, ups
             st.body_replayable = body.replayable and (body.done or body.keep)
             decision = st.on_outcome(outcome, False, trio.current_time(), rng.getrandbits(32),
                                      headers=att.rhead, host=ep)
+            if decision.stat:
+                idx = W_INDEX.get(decision.stat)
+                if idx is not None:
+                    stats.inc(idx)
             if not decision.retry:
+                if st.retry_success:
+                    stats.inc(W_UPSTREAM_RQ_RETRY_SUCCESS)
                 break
             rec.flags = "URX"  # provisional: the final flags come from final_flags below
             if att.conn is not None:  # a retriable response: its body is not wanted
@@ -363,6 +375,25 @@ async def _forward(ctx, dsock, head, body, rec, t0, state, retry, deadlines, ups
         st.release()
         if att is not None and att.conn is not None:  # cancelled or the client vanished mid-flight
             release(state, att.conn, False, False)
+
+
+async def _run_attempt(state, ep, att, body, head_bytes, st, deadlines, now, fresh) -> None:
+    """One exchange under the per-try timeout (when set), holding an active-request unit."""
+    state.book.rq_start(ep)
+    try:
+        if deadlines.per_try_timeout_ms:
+            with trio.move_on_at(deadlines.per_try_deadline(now)) as scope:
+                await exchange(state, ep, att, body, head_bytes, st.attempt_count > 1, fresh)
+            if scope.cancelled_caught:
+                if att.conn is not None:
+                    release(state, att.conn, False, False)
+                    att.conn = None
+                att.outcome = PER_TRY_TIMEOUT
+        else:
+            await exchange(state, ep, att, body, head_bytes, st.attempt_count > 1, fresh)
+    finally:
+        state.book.rq_end(ep)
+        state.end_request()
 
 
 _FAILURE_REPLIES = {

@@ -23,6 +23,7 @@ CONNECT_FAILED = classify_failure(Kind.CONNECT_FAILURE, False)
 CONNECT_TIMED_OUT = classify_failure(Kind.CONNECT_TIMEOUT, False)
 PROTOCOL_ERROR = classify_failure(Kind.PROTOCOL_ERROR)
 PER_TRY_TIMEOUT = classify_failure(Kind.PER_TRY_TIMEOUT)
+OVERFLOW = classify_failure(Kind.OVERFLOW, False)
 
 
 class UpstreamConn:
@@ -44,14 +45,21 @@ def checkout(state, ep: int):
     book = state.book
     while True:
         conn = book.take_idle(ep, _monotonic(), state.idle_timeout)
-        for dead in book.pop_to_close():  # already uncounted by the book
+        for dead in book.pop_to_close():  # expired; already uncounted by the book
             dead.sock.close()
+            state.on_close(dead.ep)
         if conn is None:
             return None
         if not is_stale(conn.sock):
             return conn
-        book.on_close(ep)
-        conn.sock.close()
+        close(state, conn)
+
+
+def close(state, conn: UpstreamConn) -> None:
+    """Close a connection the caller holds, and give back its unit of the connection limit."""
+    state.book.on_close(conn.ep)
+    conn.sock.close()
+    state.on_close(conn.ep)
 
 
 def release(state, conn: UpstreamConn, reusable: bool, current: bool) -> None:
@@ -60,11 +68,11 @@ def release(state, conn: UpstreamConn, reusable: bool, current: bool) -> None:
     if (reusable and current
             and (policy.max_requests_per_connection == 0
                  or conn.requests < policy.max_requests_per_connection)
+            and not state.should_close_idle()
             and state.book.put_idle(conn.ep, conn, _monotonic())):
         state.on_idle(conn.ep)
         return
-    state.book.on_close(conn.ep)
-    conn.sock.close()
+    close(state, conn)
 
 
 class Attempt:
@@ -89,16 +97,30 @@ async def exchange(state, ep: int, att: Attempt, body, head_bytes: bytes, replay
     """
     conn = None if fresh else checkout(state, ep)
     att.reused = conn is not None
+    if conn is None and not state.try_connection():
+        # Over maxConnections: wait as a pending request (or overflow at once).
+        got_one = await state.wait_pending(ep, checkout)
+        if got_one is None:
+            att.outcome = OVERFLOW
+            return
+        if got_one is not True:
+            conn = got_one
+            att.reused = True
     if conn is None:
         endpoint = state.endpoints[ep]
         try:
             sock = await connect(endpoint.address, endpoint.port, state.policy.connect_timeout)
         except TimeoutError:
+            state.on_close(ep)
             att.outcome = CONNECT_TIMED_OUT
             return
         except OSError:
+            state.on_close(ep)
             att.outcome = CONNECT_FAILED
             return
+        except BaseException:  # cancelled while connecting
+            state.on_close(ep)
+            raise
         state.book.on_open(ep)
         state.on_open(ep)
         conn = UpstreamConn(sock, ep)
@@ -137,8 +159,7 @@ async def exchange(state, ep: int, att: Attempt, body, head_bytes: bytes, replay
     if att.outcome is None:  # EOF or reset before a complete response head
         att.outcome = classify_failure(Kind.RESET_BEFORE_RESPONSE, True, att.reused, got)
     att.conn = None
-    state.book.on_close(ep)
-    conn.sock.close()
+    close(state, conn)
 
 
 async def relay_response(dsock, conn: UpstreamConn, req, rhead, data: bytes, rec,

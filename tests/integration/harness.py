@@ -13,6 +13,7 @@ import subprocess
 import sys
 import tempfile
 import textwrap
+import threading
 import time
 import urllib.request
 
@@ -181,16 +182,59 @@ def get(port, path="/", host="myweb-service", headers=()) -> Response:
 
 
 class Pods:
-    """Demo pods in a child process (python -m meshcore.demo)."""
+    """Demo pods (python -m meshcore.demo): all in one child process, or one process per pod
+    (`process_per_pod`), so that a pod in crash mode takes only itself down."""
 
-    def __init__(self, specs):
+    def __init__(self, specs, process_per_pod=False):
         self.specs = specs  # [(name, port, text)]
-        args = [sys.executable, "-m", "meshcore.demo", "--quiet"]
-        for name, port, text in specs:
-            args += ["--pod", f"{name}:{port}:{text}"]
-        self.proc = subprocess.Popen(args, cwd=REPO, stdout=subprocess.DEVNULL)
+        groups = [[spec] for spec in specs] if process_per_pod else [list(specs)]
+        self._lock = threading.Lock()
+        self.restarts = 0
+        self.procs = [(group, self._start(group)) for group in groups]
         for _, port, _ in specs:
             wait_port(port)
+
+    @staticmethod
+    def _start(group):
+        args = [sys.executable, "-m", "meshcore.demo", "--quiet"]
+        for name, port, text in group:
+            args += ["--pod", f"{name}:{port}:{text}"]
+        return subprocess.Popen(args, cwd=REPO, stdout=subprocess.DEVNULL)
+
+    def restart_dead(self):
+        """Restart pods whose process died (the article's Kubernetes restarts); returns how many."""
+        restarted = 0
+        with self._lock:
+            for i, (group, proc) in enumerate(self.procs):
+                if proc.poll() is not None:
+                    self.procs[i] = (group, self._start(group))
+                    for _, port, _ in group:
+                        wait_port(port)
+                    restarted += 1
+        self.restarts += restarted
+        return restarted
+
+    def kubelet(self):
+        """A context manager that keeps restarting dead pods in the background, as Kubernetes
+        does, until the block ends."""
+        pods = self
+
+        class _Kubelet:
+            def __enter__(self):
+                self.stop = threading.Event()
+                self.thread = threading.Thread(target=self.run, daemon=True)
+                self.thread.start()
+                return self
+
+            def run(self):
+                while not self.stop.wait(0.05):
+                    pods.restart_dead()
+
+            def __exit__(self, *exc):
+                self.stop.set()
+                self.thread.join(10)
+
+        return _Kubelet()
 
     def port(self, name):
         return next(p for n, p, _ in self.specs if n == name)
@@ -208,8 +252,13 @@ class Pods:
             self.log(n, clear=True)
 
     def stop(self):
-        self.proc.terminate()
-        self.proc.wait(5)
+        with self._lock:
+            procs = list(self.procs)
+        for _, proc in procs:
+            proc.terminate()
+        for _, proc in procs:
+            proc.wait(5)
+
 
 
 class Proxy:

@@ -161,11 +161,11 @@ def test_seed_circuit_breaker():
     assert c.lb == LB_LEAST_REQUEST
     assert len(c.endpoints) == 3
     tails = [w.split(": ", 2)[2] for w in s.warnings]
-    assert tails == [
-        "spec.trafficPolicy.connectionPool.tcp.maxConnections: " + NI,
-        "spec.trafficPolicy.connectionPool.http.http1MaxPendingRequests: " + NI,
-        "spec.trafficPolicy.outlierDetection: " + NI,
-    ]
+    assert len(tails) == 1 and tails[0].startswith(
+        "spec.trafficPolicy: outlierDetection.consecutiveErrors is deprecated: applied as Istio 1.4 did")
+    assert (c.limits.max_connections, c.limits.max_pending_requests) == (1, 1)
+    assert c.outlier.consecutive_gateway_failure == 2 and c.outlier.enforcing_consecutive_gateway_failure == 100
+    assert (c.outlier.interval_ms, c.outlier.base_ejection_time_ms, c.outlier.max_ejection_percent) == (10000, 60000, 100)
 
 
 @pytest.mark.parametrize("d,lb", [("3-lb-random", LB_RANDOM), ("3-lb-round-robin", LB_ROUND_ROBIN),
@@ -744,7 +744,10 @@ def test_istio_14_fields_decode_and_warn():
         "use abort.percentage",
         "spec.http[0].fault.abort.percentage: no percentage (or 0%): the abort is never injected",
         "spec.trafficPolicy.loadBalancer.consistentHash: " + NI,
-        "spec.trafficPolicy.outlierDetection: " + NI,
+        "spec.trafficPolicy: outlierDetection.consecutiveErrors is deprecated: applied as Istio 1.4 did "
+        "(consecutive_gateway_failure=2, 502/503/504 and connection failures only; 5xx not enforced). "
+        "Istio >= 1.7 ignores it and falls back to 5 consecutive 5xx; use consecutiveGatewayErrors / "
+        "consecutive5xxErrors",
         "spec.trafficPolicy.tls: " + NI,
     ]
 
@@ -786,23 +789,17 @@ def test_destination_rule_unimplemented_fields_warn():
         "spec.workloadSelector: " + NI,
         f"{base}.loadBalancer.localityLbSetting: " + NI,
         f"{base}.loadBalancer.warmupDurationSecs: " + NI,
-        f"{base}.connectionPool.tcp.maxConnections: " + NI,
         f"{base}.connectionPool.tcp.tcpKeepalive: " + NI,
         f"{base}.connectionPool.tcp.maxConnectionDuration: " + NI,
         f"{base}.connectionPool.tcp.idleTimeout: " + NI,
-        f"{base}.connectionPool.http.http1MaxPendingRequests: " + NI,
-        f"{base}.connectionPool.http.http2MaxRequests: " + NI,
-        f"{base}.connectionPool.http.maxRetries: " + NI,
         f"{base}.connectionPool.http.h2UpgradePolicy: " + NI,
         f"{base}.connectionPool.http.useClientProtocol: " + NI,
         f"{base}.connectionPool.http.maxConcurrentStreams: " + NI,
-        f"{base}.outlierDetection: " + NI,
         f"{base}.portLevelSettings[0].loadBalancer.warmup: " + NI,
         f"{base}.portLevelSettings[0].tls: " + NI,
         f"{base}.tunnel: " + NI,
         f"{base}.proxyProtocol: " + NI,
         f"{base}.retryBudget: " + NI,
-        "spec.subsets[0].trafficPolicy.outlierDetection: " + NI,
     ]
 
 
