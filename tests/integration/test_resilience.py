@@ -152,3 +152,97 @@ def test_fault_abort_and_delay(tmp_path, retry_pods):
         assert r.status == 200 and time.monotonic() - t0 >= 0.3
     finally:
         px.stop()
+
+
+CIRCUIT_BREAKER_DR = """---
+apiVersion: networking.istio.io/v1alpha3
+kind: DestinationRule
+metadata: {name: retry-service}
+spec:
+  host: retry-service
+  trafficPolicy:
+    connectionPool:
+      tcp: {maxConnections: 1}
+      http: {http1MaxPendingRequests: 1, maxRequestsPerConnection: 1}
+    outlierDetection:
+      consecutiveErrors: 2
+      interval: 200ms
+      baseEjectionTime: 2s
+      maxEjectionPercent: 100
+"""
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_article_circuit_breaker_ejects_then_fast_503_then_recovers(tmp_path, retry_pods, workers):
+    """The article's circuit-breaker YAML with shorter times: once every pod failed twice in a
+    row, calls get 503 straight from the proxy and the pods hear nothing; after
+    baseEjectionTime traffic returns. With 2 workers, ejections made through one worker hold in
+    the other (each client connection lands on either worker)."""
+    px = _proxy(tmp_path, retry_pods, '{attempts: 30, perTryTimeout: 1s, retryOn: "gateway-error,reset,5xx"}',
+                workers=workers, timeout="30s", extra_dr=CIRCUIT_BREAKER_DR)
+    try:
+        retry_pods.clear()
+        statuses = [get(px.port, "/?failRate=100&mode=busy", host="retry-service").status
+                    for _ in range(3)]
+        assert statuses[-1] == 503
+        ejected = [l for l in px.admin_get("/stats")[1].decode().splitlines()
+                   if "outlier_detection.ejections_active" in l]
+        assert ejected == ["cluster.outbound|80||retry-service.outlier_detection.ejections_active: 3"]
+        heard = retry_pods.total_requests()
+        assert heard == 6  # each pod failed exactly twice in a row, then was ejected
+        for _ in range(10):  # new client connections: spread over both workers when there are 2
+            r = get(px.port, "/?failRate=0&mode=busy", host="retry-service")
+            assert (r.status, r.body) == (503, b"no healthy upstream")
+        assert retry_pods.total_requests() == heard  # the pods' logs stay silent
+        deadline = time.monotonic() + 6
+        while time.monotonic() < deadline:  # ejection (2 s) ends at the next 200 ms sweep
+            time.sleep(0.2)
+            if get(px.port, "/?failRate=0&mode=busy", host="retry-service").status == 200:
+                break
+        else:
+            pytest.fail("traffic never came back after baseEjectionTime")
+    finally:
+        px.stop()
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_max_connections_1_pending_1_rejects_the_rest_at_once(tmp_path, workers):
+    import threading
+    pods = Pods([("slow", free_port(), "{}")])
+    try:
+        mesh = retry_mesh([pods.port("slow")], "{attempts: 0}") + """---
+apiVersion: networking.istio.io/v1alpha3
+kind: DestinationRule
+metadata: {name: retry-service}
+spec:
+  host: retry-service
+  trafficPolicy:
+    connectionPool:
+      tcp: {maxConnections: 1}
+      http: {http1MaxPendingRequests: 1}
+"""
+        px = Proxy([write_config(str(tmp_path), mesh)], workers=workers, extra=["--no-access-log"])
+        results = []
+        lock = threading.Lock()
+
+        def call():
+            r = get(px.port, "/delay/1500", host="retry-service")
+            with lock:
+                results.append((r.status, r.header("x-envoy-overloaded"), r.body))
+
+        threads = [threading.Thread(target=call) for _ in range(10)]
+        for t in threads:
+            t.start()
+            time.sleep(0.02)
+        for t in threads:
+            t.join(15)
+        ok = [r for r in results if r[0] == 200]
+        rejected = [r for r in results if r[0] == 503]
+        assert len(ok) == 2 and len(rejected) == 8, results
+        assert all(r[1] == "true" and r[2].endswith(b"reset reason: overflow") for r in rejected)
+        assert len(pods.log("slow")) == 2  # the backend saw only what was served
+        stats = px.admin_get("/stats")[1].decode()
+        assert "cluster.outbound|80||retry-service.upstream_rq_pending_overflow: 8" in stats
+        px.stop()
+    finally:
+        pods.stop()
