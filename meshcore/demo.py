@@ -173,6 +173,8 @@ class Pod:
         else:
             hdr += b"content-length: %d\r\n" % n
         await stream.send_all(hdr + b"\r\n")
+        if head.method == b"HEAD":
+            return not close and head.keep_alive
         left = n
         while left:
             piece = block[:min(left, len(block))]

@@ -57,10 +57,9 @@ async def _serve(ctx: WorkerContext, listener, conn) -> None:
         conn.send(("ready", os.getpid()))
         grace = await _control_loop(ctx, conn)
         # Drain: stop accepting, let keep-alive connections finish their current request.
-        ctx.draining = True
         stop_accepting.cancel()
         listener.close()
-        ctx.close_idle()
+        ctx.drain()
         with trio.move_on_after(grace):
             while ctx.connections:
                 await trio.sleep(0.02)

@@ -23,7 +23,7 @@ import trio
 from meshcore import local_reply as lr
 from meshcore.errors import ProtocolError
 from meshcore.io.body import DownstreamGone, RequestBody
-from meshcore.io.sockets import recv, send_all
+from meshcore.io.sockets import recv, recv_later, send_all
 from meshcore.io.upstream import (OVERFLOW, PER_TRY_TIMEOUT, Attempt, exchange, relay_response,
                                   release)
 from meshcore.policy.classify import Kind
@@ -93,6 +93,7 @@ class WorkerContext:
         self.use_remote_address = use_remote_address
         self.draining = False
         self.connections = 0
+        self.idle = set()  # cancel scopes of connections waiting for their next request
         self.install(snapshot, slots)
 
     def install(self, snapshot, slots) -> None:
@@ -104,6 +105,13 @@ class WorkerContext:
         for state, conn in to_close:
             conn.sock.close()
             state.on_close(conn.ep)
+
+    def drain(self) -> None:
+        """Stop keep-alive: close connections idle between requests, and pooled upstreams."""
+        self.draining = True
+        for scope in list(self.idle):
+            scope.cancel()
+        self.close_idle()
 
     def close_idle(self) -> None:
         for state in self.clusters.values():
@@ -130,6 +138,7 @@ async def serve_connection(ctx: WorkerContext, sock: socket.socket) -> None:
     except OSError:
         local = remote = None
     data = b""
+    idle = ctx.idle
     try:
         with trio.CancelScope() as scope:
             while True:
@@ -141,7 +150,14 @@ async def serve_connection(ctx: WorkerContext, sock: socket.socket) -> None:
                     while head is None:
                         if ctx.draining and not data:
                             return
-                        chunk = await recv(sock)
+                        if data:
+                            chunk = await recv(sock)
+                        else:  # between requests: a drain may close this connection
+                            idle.add(scope)
+                            try:
+                                chunk = await recv_later(sock)
+                            finally:
+                                idle.discard(scope)
                         if not chunk:
                             return
                         data = data + chunk if data else chunk

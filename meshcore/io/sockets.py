@@ -26,6 +26,17 @@ async def recv(sock: socket.socket) -> bytes:
             await _wait_readable(sock)
 
 
+async def recv_later(sock: socket.socket) -> bytes:
+    """Like `recv`, for when the peer cannot have answered yet (a response just requested, the
+    next keep-alive request): waiting first saves a failed syscall and its exception."""
+    while True:
+        await _wait_readable(sock)
+        try:
+            return sock.recv(RECV_SIZE)
+        except BlockingIOError:
+            pass
+
+
 async def send_all(sock: socket.socket, data) -> None:
     """Send every byte; waits for writability only when the kernel buffer is full (backpressure)."""
     try:

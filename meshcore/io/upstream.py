@@ -11,7 +11,7 @@ import time
 from meshcore import local_reply as lr
 from meshcore.errors import ProtocolError
 from meshcore.io.body import DownstreamGone
-from meshcore.io.sockets import connect, is_stale, recv, send_all
+from meshcore.io.sockets import connect, is_stale, recv, recv_later, send_all
 from meshcore.policy.classify import Kind, classify_failure, classify_response
 from meshcore.proto.wire import (BODY_CHUNKED, BODY_CLOSE, BODY_LENGTH, BODY_NONE, DATA, DONE,
                                  ChunkedReader, parse_response, response_body_kind)
@@ -136,8 +136,8 @@ async def exchange(state, ep: int, att: Attempt, body, head_bytes: bytes, replay
     else:
         try:
             data = b""
+            chunk = await recv_later(usock)
             while True:
-                chunk = await recv(usock)
                 if not chunk:
                     break
                 got = True
@@ -152,6 +152,7 @@ async def exchange(state, ep: int, att: Attempt, body, head_bytes: bytes, replay
                     att.rhead, att.rdata = rhead, data
                     att.outcome = classify_response(rhead.status)
                     return
+                chunk = await recv(usock)
         except ProtocolError:
             att.outcome = PROTOCOL_ERROR
         except OSError:
