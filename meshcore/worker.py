@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
+import time
 
 import trio
 
@@ -40,8 +41,14 @@ def worker_main(conn, index: int, segment_name: str, listen: tuple[str, int], ge
     access_log = AccessLog(1) if options.get("access_log", True) else None
     ctx = WorkerContext(snapshot, slots, segment, index, access_log,
                         use_remote_address=options.get("use_remote_address", False))
+    profile_to = os.environ.get("MESHCORE_PROFILE")  # developer aid: cProfile one worker
     try:
-        trio.run(_serve, ctx, listener, conn)
+        if profile_to:
+            import cProfile
+            cProfile.runctx("trio.run(_serve, ctx, listener, conn)", globals(), locals(),
+                            f"{profile_to}.{os.getpid()}")
+        else:
+            trio.run(_serve, ctx, listener, conn)
     except KeyboardInterrupt:
         pass
     finally:
@@ -97,6 +104,7 @@ async def _housekeeping(ctx) -> None:
         tick += 1
         if tick % ticks_per_sweep == 0:
             ctx.sweep_idle()
+            ctx.close_idle_downstream(time.monotonic())
 
 
 async def _control_loop(ctx, conn) -> float:

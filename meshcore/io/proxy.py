@@ -93,7 +93,7 @@ class WorkerContext:
         self.use_remote_address = use_remote_address
         self.draining = False
         self.connections = 0
-        self.idle = set()  # cancel scopes of connections waiting for their next request
+        self.idle = {}  # cancel scope -> since when, of connections waiting for their next request
         self.install(snapshot, slots)
 
     def install(self, snapshot, slots) -> None:
@@ -112,6 +112,12 @@ class WorkerContext:
         for scope in list(self.idle):
             scope.cancel()
         self.close_idle()
+
+    def close_idle_downstream(self, now: float) -> None:
+        """Envoy's downstream idle timeout: close connections without a request for too long."""
+        for scope, since in list(self.idle.items()):
+            if now - since > IDLE_TIMEOUT:
+                scope.cancel()
 
     def close_idle(self) -> None:
         for state in self.clusters.values():
@@ -146,18 +152,24 @@ async def serve_connection(ctx: WorkerContext, sock: socket.socket) -> None:
                 if data:
                     head = parse_request(data, 0)
                 if head is None:
-                    scope.deadline = trio.current_time() + (HEADER_TIMEOUT if data else IDLE_TIMEOUT)
                     while head is None:
                         if ctx.draining and not data:
                             return
                         if data:
+                            # A head split over several reads: the header timeout covers the
+                            # whole section, so trickling bytes cannot extend it.
+                            if scope.deadline == math.inf:
+                                scope.deadline = trio.current_time() + HEADER_TIMEOUT
                             chunk = await recv(sock)
-                        else:  # between requests: a drain may close this connection
-                            idle.add(scope)
+                        else:
+                            # Between requests: no deadline to arm on this hot path; the worker's
+                            # housekeeping closes connections idle too long, and a drain closes
+                            # them all.
+                            idle[scope] = _monotonic()
                             try:
                                 chunk = await recv_later(sock)
                             finally:
-                                idle.discard(scope)
+                                del idle[scope]
                         if not chunk:
                             return
                         data = data + chunk if data else chunk
@@ -167,7 +179,8 @@ async def serve_connection(ctx: WorkerContext, sock: socket.socket) -> None:
                         if b"\n" in chunk or len(data) > MAX_REQUEST_HEAD or (
                                 len(data) > MAX_REQUEST_LINE and b"\n" not in data):
                             head = parse_request(data, 0)
-                    scope.deadline = math.inf
+                    if scope.deadline != math.inf:
+                        scope.deadline = math.inf
                 keep, data = await handle_request(ctx, sock, head, data, local, remote)
                 if not keep:
                     return
@@ -346,7 +359,9 @@ async def _forward(ctx, dsock, head, body, rec, t0, state, retry, deadlines, ups
                 rec.upstream_local = att.conn.local
             state.on_result(ep, outcome)
             st.body_replayable = body.replayable and (body.done or body.keep)
-            decision = st.on_outcome(outcome, False, trio.current_time(), rng.getrandbits(32),
+            # `now` only matters for a retry's backoff, which is relative: the attempt start is
+            # close enough and saves a clock read on every request.
+            decision = st.on_outcome(outcome, False, now, rng.getrandbits(32),
                                      headers=att.rhead, host=ep)
             if decision.stat:
                 idx = W_INDEX.get(decision.stat)
@@ -361,8 +376,8 @@ async def _forward(ctx, dsock, head, body, rec, t0, state, retry, deadlines, ups
                 release(state, att.conn, False, False)
                 att.conn = None
             fresh = decision.fresh_connection
-            if decision.at > trio.current_time():
-                await trio.sleep_until(decision.at)
+            if decision.delay > 0:
+                await trio.sleep(decision.delay)
         flags = final_flags(decision, outcome) or "-"
         if outcome.kind is not Kind.RESPONSE:
             reply = _FAILURE_REPLIES[outcome.kind]

@@ -12,6 +12,7 @@ import socket
 import trio
 
 RECV_SIZE = 65536
+_PEEK_NOWAIT = int(socket.MSG_PEEK | socket.MSG_DONTWAIT)  # an int: flag enums cost per call
 
 _wait_readable = trio.lowlevel.wait_readable
 _wait_writable = trio.lowlevel.wait_writable
@@ -80,7 +81,7 @@ async def connect(host: str, port: int, timeout: float) -> socket.socket:
 def is_stale(sock: socket.socket) -> bool:
     """True when an idle pooled connection has become readable: EOF or stray bytes, never reusable."""
     try:
-        sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+        sock.recv(1, _PEEK_NOWAIT)
     except BlockingIOError:
         return False
     except OSError:
