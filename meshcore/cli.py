@@ -56,6 +56,8 @@ def _add_run_flags(p, config_required=True):
     p.add_argument("--use-remote-address", action="store_true",
                    help="append the peer to x-forwarded-for (Envoy use_remote_address; Istio "
                         "sidecars leave it off)")
+    p.add_argument("--request-headers-timeout", type=float, default=10.0, metavar="SECONDS",
+                   help="408 and close when a request head takes longer (slowloris defence)")
     p.add_argument("--admin-unsafe", action="store_true",
                    help="allow a non-loopback admin address")
 
@@ -85,7 +87,8 @@ def cmd_run(args) -> int:
         print(f"meshcore: refusing admin address {args.admin[0]}: not loopback "
               "(pass --admin-unsafe to allow)", file=sys.stderr)
         return 2
-    options = {"access_log": not args.no_access_log, "use_remote_address": args.use_remote_address}
+    options = {"access_log": not args.no_access_log, "use_remote_address": args.use_remote_address,
+               "request_headers_timeout": args.request_headers_timeout}
     sup = Supervisor(args.config, args.listen, args.admin, args.workers, options,
                      grace=args.drain_grace, watch=not args.no_watch)
     return sup.run()

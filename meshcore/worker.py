@@ -40,7 +40,8 @@ def worker_main(conn, index: int, segment_name: str, listen: tuple[str, int], ge
     listener = reuseport_listener(*listen)
     access_log = AccessLog(1) if options.get("access_log", True) else None
     ctx = WorkerContext(snapshot, slots, segment, index, access_log,
-                        use_remote_address=options.get("use_remote_address", False))
+                        use_remote_address=options.get("use_remote_address", False),
+                        header_timeout=options.get("request_headers_timeout", 10.0))
     profile_to = os.environ.get("MESHCORE_PROFILE")  # developer aid: cProfile one worker
     try:
         if profile_to:

@@ -83,7 +83,7 @@ class WorkerContext:
     """Everything one worker process shares between its connections."""
 
     def __init__(self, snapshot, slots, segment, worker: int, access_log=None,
-                 use_remote_address=False):
+                 use_remote_address=False, header_timeout=HEADER_TIMEOUT):
         self.rng = random.Random()
         self.segment = segment
         self.worker = worker
@@ -91,6 +91,7 @@ class WorkerContext:
         self.clusters = {}
         self.access_log = access_log
         self.use_remote_address = use_remote_address
+        self.header_timeout = header_timeout
         self.draining = False
         self.connections = 0
         self.idle = {}  # cancel scope -> since when, of connections waiting for their next request
@@ -159,7 +160,7 @@ async def serve_connection(ctx: WorkerContext, sock: socket.socket) -> None:
                             # A head split over several reads: the header timeout covers the
                             # whole section, so trickling bytes cannot extend it.
                             if scope.deadline == math.inf:
-                                scope.deadline = trio.current_time() + HEADER_TIMEOUT
+                                scope.deadline = trio.current_time() + ctx.header_timeout
                             chunk = await recv(sock)
                         else:
                             # Between requests: no deadline to arm on this hot path; the worker's

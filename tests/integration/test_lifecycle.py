@@ -122,3 +122,31 @@ def test_sigterm_drains_in_flight_requests(small_proxy):
     assert results == [200, 200, 200, 200]
     small_proxy.proc.wait(10)
     assert small_proxy.proc.returncode == 0
+
+
+def test_slow_header_gets_408_and_trickling_does_not_extend_it(tmp_path, pods):
+    a, b = pods.port("myweb-v1-a"), pods.port("myweb-v2-a")
+    path = write_config(str(tmp_path), one_service(a, b, "a"))
+    px = Proxy([path], workers=1, extra=["--no-access-log", "--request-headers-timeout", "1"])
+    try:
+        c = Client(px.port)
+        c.send(b"GET / HTTP/1.1\r\n")
+        t0 = time.monotonic()
+        status = None
+        while time.monotonic() - t0 < 5:
+            try:
+                c.send(b"X-Trickle: 1\r\n")  # a new header line every 0.3 s
+            except OSError:
+                break
+            c.sock.settimeout(0.3)
+            try:
+                data = c.sock.recv(4096)
+            except TimeoutError:
+                continue
+            status = data.split(b" ")[1] if data else None
+            break
+        c.close()
+        # trickling went on for 5 s; the 1 s header timeout answered while it did
+        assert status == b"408"
+    finally:
+        px.stop()
