@@ -8,7 +8,7 @@ rest from the client, so a body is streamed in bounded memory whatever its size.
 """
 from __future__ import annotations
 
-from meshcore.io.sockets import recv, send_all
+from meshcore.io.sockets import recv, send_all, send_nowait
 from meshcore.proto.wire import BODY_CHUNKED, BODY_LENGTH, BODY_NONE, DATA, DONE, ChunkedReader
 
 REPLAY_LIMIT = 1 << 20
@@ -66,7 +66,9 @@ class RequestBody:
         if replay and self.kept:
             await send_all(usock, head_bytes + b"".join(self.kept))
         else:
-            await send_all(usock, head_bytes)
+            sent = send_nowait(usock, head_bytes)  # the usual case: all of it at once
+            if sent != len(head_bytes):
+                await send_all(usock, memoryview(head_bytes)[sent:])
         if self.done:
             return
         if self.kind == BODY_LENGTH:

@@ -38,6 +38,15 @@ async def recv_later(sock: socket.socket) -> bytes:
             pass
 
 
+def send_nowait(sock: socket.socket, data) -> int:
+    """One non-blocking send; returns the bytes sent (0 when the buffer is full). Callers await
+    `send_all` on the rest only when it is not all gone, which saves a coroutine per send."""
+    try:
+        return sock.send(data)
+    except BlockingIOError:
+        return 0
+
+
 async def send_all(sock: socket.socket, data) -> None:
     """Send every byte; waits for writability only when the kernel buffer is full (backpressure)."""
     try:

@@ -11,7 +11,7 @@ import time
 from meshcore import local_reply as lr
 from meshcore.errors import ProtocolError
 from meshcore.io.body import DownstreamGone
-from meshcore.io.sockets import connect, is_stale, recv, recv_later, send_all
+from meshcore.io.sockets import connect, is_stale, recv, recv_later, send_all, send_nowait
 from meshcore.policy.classify import Kind, classify_failure, classify_response
 from meshcore.proto.wire import (BODY_CHUNKED, BODY_CLOSE, BODY_LENGTH, BODY_NONE, DATA, DONE,
                                  ChunkedReader, parse_response, response_body_kind)
@@ -26,13 +26,20 @@ PER_TRY_TIMEOUT = classify_failure(Kind.PER_TRY_TIMEOUT)
 OVERFLOW = classify_failure(Kind.OVERFLOW, False)
 
 
+# A connection idle for less than this is reused without the stale-peek syscall: an upstream's
+# keep-alive timeout (seconds) cannot have closed it yet, and stray bytes that arrived with the
+# previous response were already caught by the framing check.
+STALE_CHECK_AFTER = 0.1
+
+
 class UpstreamConn:
-    __slots__ = ("sock", "ep", "requests", "local")
+    __slots__ = ("sock", "ep", "requests", "local", "idle_since")
 
     def __init__(self, sock: socket.socket, ep: int):
         self.sock = sock
         self.ep = ep
         self.requests = 0
+        self.idle_since = 0.0
         try:
             host, port = sock.getsockname()[:2]
             self.local = f"{host}:{port}"
@@ -44,13 +51,14 @@ def checkout(state, ep: int):
     """An idle pooled connection of endpoint `ep` that is still usable, or None."""
     book = state.book
     while True:
-        conn = book.take_idle(ep, _monotonic(), state.idle_timeout)
+        now = _monotonic()
+        conn = book.take_idle(ep, now, state.idle_timeout)
         for dead in book.pop_to_close():  # expired; already uncounted by the book
             dead.sock.close()
             state.on_close(dead.ep)
         if conn is None:
             return None
-        if not is_stale(conn.sock):
+        if now - conn.idle_since < STALE_CHECK_AFTER or not is_stale(conn.sock):
             return conn
         close(state, conn)
 
@@ -68,10 +76,12 @@ def release(state, conn: UpstreamConn, reusable: bool, current: bool) -> None:
     if (reusable and current
             and (policy.max_requests_per_connection == 0
                  or conn.requests < policy.max_requests_per_connection)
-            and not state.should_close_idle()
-            and state.book.put_idle(conn.ep, conn, _monotonic())):
-        state.on_idle(conn.ep)
-        return
+            and not state.should_close_idle()):
+        now = _monotonic()
+        if state.book.put_idle(conn.ep, conn, now):
+            conn.idle_since = now
+            state.on_idle(conn.ep)
+            return
     close(state, conn)
 
 
@@ -203,7 +213,10 @@ async def relay_response(dsock, conn: UpstreamConn, req, rhead, data: bytes, rec
         if kind == BODY_LENGTH:
             have = min(len(data) - pos, length)
             parts.append(data[pos:pos + have])
-            await send_all(dsock, b"".join(parts))
+            out = b"".join(parts)
+            n = send_nowait(dsock, out)
+            if n != len(out):
+                await send_all(dsock, memoryview(out)[n:])
             sent = have
             stray = len(data) > pos + have
             while sent < length:
