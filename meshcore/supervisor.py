@@ -137,7 +137,7 @@ class Supervisor:
         return True
 
     def config_message(self):
-        return (self.generation, self.sources, self.slots)
+        return (self.snapshot, self.slots)
 
     # === run ===
 
@@ -190,7 +190,7 @@ class Supervisor:
         parent, child = self.mp.Pipe()
         proc = self.mp.Process(target=worker_main, name=f"meshcore-worker-{slot.index}",
                                args=(child, slot.index, self.segment.name, self.listen,
-                                     self.generation, self.sources, self.slots, self.options))
+                                     self.snapshot, self.slots, self.options))
         proc.start()
         child.close()
         slot.process, slot.conn, slot.ready, slot.generation = proc, parent, False, self.generation

@@ -1,8 +1,9 @@
 """Worker process: its own SO_REUSEPORT listener, one trio run, config pushed by the supervisor.
 
 Control messages arrive over a multiprocessing pipe as (verb, payload) tuples:
-  ("config", (generation, sources, slots))  compile and swap in (validated by the supervisor;
-                                            `slots` maps clusters to shared-memory rows)
+  ("config", (snapshot, slots))  swap in a Snapshot the supervisor compiled and validated;
+                                 `slots` maps its clusters to shared-memory rows
+Workers never parse YAML (nor import the config compiler): that keeps their memory small.
   ("drain", grace_seconds)           stop accepting, finish in-flight requests, exit
 Replies: ("ready", pid) once listening; ("loaded", generation) or ("error", text) after a config.
 """
@@ -16,7 +17,6 @@ import time
 import trio
 
 from meshcore.accesslog import AccessLog
-from meshcore.config.compile import compile_sources
 from meshcore.io.proxy import WorkerContext, serve_connection
 from meshcore.io.sockets import reuseport_listener
 from meshcore.shm.segment import Segment
@@ -25,17 +25,12 @@ IDLE_SWEEP_INTERVAL = 5.0
 LOG_FLUSH_INTERVAL = 0.2
 
 
-def worker_main(conn, index: int, segment_name: str, listen: tuple[str, int], generation: int,
-                sources: dict, slots: dict, options: dict) -> None:
+def worker_main(conn, index: int, segment_name: str, listen: tuple[str, int], snapshot,
+                slots: dict, options: dict) -> None:
     """Entry point of a spawned worker process (`index`: its stats row in shared memory)."""
     # The supervisor owns signals: Ctrl-C on a terminal reaches the whole process group.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
-    try:
-        snapshot = compile_sources(sources, generation)
-    except Exception as exc:  # the supervisor validated it; this is a bug, report and die
-        conn.send(("error", f"worker {os.getpid()}: {exc}"))
-        sys.exit(3)
     segment = Segment.attach(segment_name)
     listener = reuseport_listener(*listen)
     access_log = AccessLog(1) if options.get("access_log", True) else None
@@ -117,13 +112,8 @@ async def _control_loop(ctx, conn) -> float:
         except EOFError:  # the supervisor is gone: drain quickly
             return 1.0
         if verb == "config":
-            generation, sources, slots = payload
-            try:
-                snapshot = compile_sources(sources, generation)
-            except Exception as exc:
-                conn.send(("error", str(exc)))
-                continue
+            snapshot, slots = payload
             ctx.install(snapshot, slots)
-            conn.send(("loaded", generation))
+            conn.send(("loaded", snapshot.generation))
         elif verb == "drain":
             return float(payload)
