@@ -40,6 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_flags(demo, config_required=False)
     sub.add_parser("bench", help="run the benchmark suite in bench/ (from a source checkout)",
                    add_help=False)
+    sub.add_parser("replay", help="replay a capture file: replay FILE --to HOST:PORT [--rate R]",
+                   add_help=False)
     return parser
 
 
@@ -108,6 +110,9 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "bench":  # the suite parses its own flags
         return cmd_bench(argv[1:])
+    if argv and argv[0] == "replay":
+        from meshcore.replay import main as replay_main
+        return replay_main(argv[1:])
     args = build_parser().parse_args(argv)
     if args.command == "check":
         return cmd_check(args.paths)

@@ -57,6 +57,7 @@ async def _serve(ctx: WorkerContext, listener, conn) -> None:
         stop_accepting = trio.CancelScope()
         nursery.start_soon(_accept_loop, ctx, listener, nursery, stop_accepting)
         nursery.start_soon(_housekeeping, ctx)
+        nursery.start_soon(ctx.mirror.run)
         conn.send(("ready", os.getpid()))
         grace = await _control_loop(ctx, conn)
         # Drain: stop accepting, let keep-alive connections finish their current request.

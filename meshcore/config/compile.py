@@ -29,6 +29,7 @@ import yaml
 
 from meshcore.config import istio
 from meshcore.policy.fault import fault_policy_from_istio
+from meshcore.policy.mirror import mirror_policies_from_istio
 from meshcore.upstream.breaker import breaker_limits_from_istio
 from meshcore.upstream.outlier import outlier_policy_from_istio
 from meshcore.policy.retry import DEFAULT_POLICY as DEFAULT_RETRY_POLICY, retry_policy_from_istio
@@ -426,6 +427,8 @@ class _HttpRoute:
     timeout: float
     retry: object  # RetryPolicy or None
     fault: object  # FaultPolicy or None
+    mirrors: tuple  # MirrorPolicy, ...
+    path: str  # spec.http[i], for messages about the route's destinations
 
 
 @dataclass
@@ -815,8 +818,7 @@ def _subset_endpoints(endpoints, labels: dict) -> list:
 
 
 _HTTP_UNIMPLEMENTED_FIELDS = (
-    ("mirror", "mirror"), ("mirror_percentage", "mirrorPercentage"),
-    ("mirror_percent", "mirror_percent"), ("mirrors", "mirrors"), ("headers", "headers"), ("rewrite", "rewrite"),
+    ("headers", "headers"), ("rewrite", "rewrite"),
     ("redirect", "redirect"), ("direct_response", "directResponse"), ("cors_policy", "corsPolicy"),
     ("delegate", "delegate"), ("websocket_upgrade", "websocketUpgrade"), ("append_headers", "appendHeaders"),
     ("remove_response_headers", "removeResponseHeaders"), ("append_response_headers", "appendResponseHeaders"),
@@ -979,7 +981,11 @@ def _compile_http(vs_doc: _Doc, i: int, h: istio.HTTPRoute, rep: _Report) -> _Ht
     fault, warns = fault_policy_from_istio(h.fault)
     for field, msg in warns:
         rep.warn(label, f"{path}.fault.{field}" if field else f"{path}.fault", msg)
-    return _HttpRoute(names, matches, tuple(dests), timeout, retry, fault)
+    mirrors, warns = mirror_policies_from_istio(h, vs_doc.obj.metadata.annotations)
+    for field, msg in warns:
+        where = field if field.startswith("metadata.") else (f"{path}.{field}" if field else path)
+        rep.warn(label, where, msg)
+    return _HttpRoute(names, matches, tuple(dests), timeout, retry, fault, mirrors, path)
 
 
 def _compile_virtual_services(vs_docs, rep: _Report) -> dict[str, _VsInfo]:
@@ -1029,6 +1035,19 @@ def _compile_virtual_services(vs_docs, rep: _Report) -> dict[str, _VsInfo]:
 
 # ------------------------------------------------------------------------------------------------
 # Snapshot assembly
+
+
+class _MirrorDest:
+    """A MirrorPolicy seen as an Istio Destination, so mirrors resolve to clusters like routes."""
+
+    class _Port:
+        def __init__(self, number):
+            self.number = number
+
+    def __init__(self, m):
+        self.host = m.host
+        self.subset = m.subset
+        self.port = self._Port(m.port) if m.port else None
 
 
 def config_hash(sources: dict[str, bytes]) -> str:
@@ -1155,9 +1174,13 @@ def compile_sources(sources: dict[str, bytes], generation: int = 0, *, resolver:
             for r in info.routes:
                 wcs = tuple(WeightedCluster(resolve_dest(d, port, info.doc.label, dp), w) for d, w, dp in r.dests)
                 total = sum(wc.weight for wc in wcs)
+                mirrors = tuple(
+                    (m, "" if m.is_capture else resolve_dest(_MirrorDest(m), port, info.doc.label, f"{r.path}.mirror"))
+                    for m in r.mirrors)
                 for name, ms in zip(r.names, r.matches):
                     routes.append(RoutePolicy(name=name, matches=ms, destinations=wcs, total_weight=total,
-                                              timeout=r.timeout, retry=r.retry, fault=r.fault))
+                                              timeout=r.timeout, retry=r.retry, fault=r.fault,
+                                              mirrors=mirrors))
         if not routes:
             cname = f"outbound|{port}||{host}"
             if cname not in clusters:

@@ -56,6 +56,8 @@ class RoutePolicy:
     timeout: float = 0.0  # route timeout in seconds; 0 = none (Istio's default)
     retry: object = None  # meshcore.policy.retry.RetryPolicy; None = no retries (attempts: 0)
     fault: object = None  # meshcore.policy.fault.FaultPolicy or None
+    # (meshcore.policy.mirror.MirrorPolicy, mirror cluster name or "" for the capture sink), ...
+    mirrors: tuple = ()
 
 
 @dataclass(frozen=True, slots=True)

@@ -23,18 +23,21 @@ import trio
 from meshcore import local_reply as lr
 from meshcore.errors import ProtocolError
 from meshcore.io.body import DownstreamGone, RequestBody
+from meshcore.io.mirror import Mirror, MirrorTarget
 from meshcore.io.sockets import recv, recv_later, send_all
 from meshcore.io.upstream import (OVERFLOW, PER_TRY_TIMEOUT, Attempt, exchange, relay_response,
                                   release)
 from meshcore.policy.classify import Kind
 from meshcore.policy.fault import DELAY_FLAG, decide_fault
+from meshcore.policy.mirror import should_mirror
 from meshcore.policy.retry import (RETRY_REQUEST_HEADERS, RetryState, final_flags, is_idempotent,
                                    merge_request_overrides)
 from meshcore.policy.timeout import TIMEOUT_REQUEST_HEADERS, plan_deadlines, route_timeout_override
 from meshcore.proto.wire import (BODY_CHUNKED, BODY_LENGTH, BODY_NONE, MAX_REQUEST_HEAD,
                                  MAX_REQUEST_LINE, parse_request, request_body_kind)
 from meshcore.routing.table import find_route, pick_destination
-from meshcore.shm.layout import W_INDEX, W_UPSTREAM_RQ_RETRY_SUCCESS, W_UPSTREAM_RQ_TIMEOUT
+from meshcore.shm.layout import (W_INDEX, W_UPSTREAM_RQ_PENDING_OVERFLOW, W_UPSTREAM_RQ_RETRY_SUCCESS,
+                                 W_UPSTREAM_RQ_RX_RESET, W_UPSTREAM_RQ_TIMEOUT, W_UPSTREAM_RQ_TOTAL)
 from meshcore.upstream.cluster import rebuild
 
 HEADER_TIMEOUT = 10.0  # whole header section; trickling bytes does not extend it (hardening.md §3.5)
@@ -95,6 +98,7 @@ class WorkerContext:
         self.draining = False
         self.connections = 0
         self.idle = {}  # cancel scope -> since when, of connections waiting for their next request
+        self.mirror = Mirror(on_result=_mirror_result)
         self.install(snapshot, slots)
 
     def install(self, snapshot, slots) -> None:
@@ -274,8 +278,15 @@ async def _proxy(ctx, dsock, head, data, rec, t0):
             await send_all(dsock, CONTINUE_100)
         except OSError as exc:
             raise DownstreamGone() from exc
+    mirrors = None
+    if route.mirrors:  # one draw for all of the route's mirrors, as Envoy does
+        rnd = rng.getrandbits(32)
+        mirrors = [m for m in route.mirrors if should_mirror(m[0], rnd)] or None
     body = RequestBody(dsock, head, data, body_kind, body_len,
-                       keep=retry is not None and retry.num_retries > 0)
+                       keep=(retry is not None and retry.num_retries > 0) or mirrors is not None)
+    if mirrors is not None and body.done:
+        _submit_mirrors(ctx, mirrors, upstream_head, body)
+        mirrors = None
     # Envoy arms the route timer once the downstream request is complete; with a body still
     # streaming, meshcore arms it when the first attempt starts (documented deviation).
     deadlines = plan_deadlines(timeout, retry.per_try_timeout if retry is not None else 0.0,
@@ -283,7 +294,7 @@ async def _proxy(ctx, dsock, head, data, rec, t0):
     if deadlines.global_timeout_ms:
         with trio.move_on_at(deadlines.global_deadline) as scope:
             keep = await _forward(ctx, dsock, head, body, rec, t0, state, retry, deadlines,
-                                  upstream_head)
+                                  upstream_head, mirrors)
         if scope.cancelled_caught:
             state.stats.inc(W_UPSTREAM_RQ_TIMEOUT)
             if rec.status:  # the response already started: abort the client connection
@@ -293,7 +304,8 @@ async def _proxy(ctx, dsock, head, data, rec, t0):
                          flags="URX,UT" if rec.flags == "URX" else "UT")
             return False, b""
     else:
-        keep = await _forward(ctx, dsock, head, body, rec, t0, state, retry, deadlines, upstream_head)
+        keep = await _forward(ctx, dsock, head, body, rec, t0, state, retry, deadlines, upstream_head,
+                              mirrors)
     return keep, body.leftover
 
 
@@ -323,8 +335,12 @@ def _upstream_head(ctx, head, body_kind, body_len, rec) -> bytes:
     return b"".join(parts)
 
 
-async def _forward(ctx, dsock, head, body, rec, t0, state, retry, deadlines, upstream_head) -> bool:
-    """The attempt loop: pick, exchange, classify, decide; then relay or reply. Returns keep-alive."""
+async def _forward(ctx, dsock, head, body, rec, t0, state, retry, deadlines, upstream_head,
+                   mirrors) -> bool:
+    """The attempt loop: pick, exchange, classify, decide; then relay or reply. Returns keep-alive.
+
+    `mirrors`: copies still to send once the body is complete (after the first attempt read it).
+    """
     rng = ctx.rng
     st = RetryState(retry, body_replayable=True, idempotent=is_idempotent(head.method),
                     try_acquire_retry=state.try_retry, release_retry=state.end_retry)
@@ -356,6 +372,9 @@ async def _forward(ctx, dsock, head, body, rec, t0, state, retry, deadlines, ups
             else:
                 await _run_attempt(state, ep, att, body, head_bytes, st, deadlines, now, fresh)
             outcome = att.outcome
+            if mirrors is not None and body.done:  # sent whatever the primary's fate
+                _submit_mirrors(ctx, mirrors, upstream_head, body)
+                mirrors = None
             if att.conn is not None:
                 rec.upstream_local = att.conn.local
             state.on_result(ep, outcome)
@@ -407,6 +426,37 @@ async def _forward(ctx, dsock, head, body, rec, t0, state, retry, deadlines, ups
         st.release()
         if att is not None and att.conn is not None:  # cancelled or the client vanished mid-flight
             release(state, att.conn, False, False)
+
+
+def _submit_mirrors(ctx, mirrors, upstream_head: bytes, body) -> None:
+    """Hand copies of the request to the worker's Mirror: fire and forget, never awaited."""
+    head = upstream_head + b"x-envoy-attempt-count: 1\r\n\r\n"
+    pieces = body.kept if body.replayable else None  # over the replay cap: not mirrored
+    submit = ctx.mirror.submit
+    for policy, cluster in mirrors:
+        target = state = None
+        if cluster:
+            state = ctx.clusters.get(cluster)
+            if state is not None and state.balancer is not None:
+                ep = state.pick(None)
+                if ep >= 0:
+                    e = state.endpoints[ep]
+                    target = MirrorTarget(e.address, e.port, state.policy.connect_timeout)
+        dropped = ctx.mirror.dropped
+        submit(policy, head, pieces, target, tag=state)
+        if ctx.mirror.dropped != dropped and state is not None:
+            state.stats.inc(W_UPSTREAM_RQ_PENDING_OVERFLOW)  # the mirror could not keep up
+
+
+def _mirror_result(state, status: int) -> None:
+    """A copy finished: count it on the mirror cluster, as Envoy's shadow stats do."""
+    if state is None:
+        return
+    if status:
+        state.stats.inc(W_UPSTREAM_RQ_TOTAL)
+        state.stats.inc(W_INDEX.get(f"upstream_rq_{status // 100}xx", W_UPSTREAM_RQ_TOTAL))
+    else:
+        state.stats.inc(W_UPSTREAM_RQ_RX_RESET)
 
 
 async def _run_attempt(state, ep, att, body, head_bytes, st, deadlines, now, fresh) -> None:

@@ -186,9 +186,12 @@ def test_seed_lb(d, lb):
 
 def test_seed_mirror():
     s = seed("4-mirror")
-    assert [w.split(": ", 2)[2] for w in s.warnings] == ["spec.http[0].mirror: " + NI]
+    assert s.warnings == ()
     (r,) = s.vhosts["retry-service"].routes
     assert [d.cluster for d in r.destinations] == ["outbound|80||retry-service"]
+    ((mirror, cluster),) = r.mirrors
+    assert (mirror.host, mirror.percent, mirror.shadow_suffix) == ("sniffer", 100.0, True)
+    assert cluster == "outbound|80||sniffer"
 
 
 # ================================================================================================
@@ -682,10 +685,6 @@ def test_virtual_service_unimplemented_fields_warn():
     assert tails(s) == [
         "spec.tcp: " + NI,
         "spec.tls: " + NI,
-        "spec.http[0].mirror: " + NI,
-        "spec.http[0].mirrorPercentage: " + NI,
-        "spec.http[0].mirror_percent: " + NI,
-        "spec.http[0].mirrors: " + NI,
         "spec.http[0].headers: " + NI,
         "spec.http[0].rewrite: " + NI,
         "spec.http[0].corsPolicy: " + NI,
@@ -696,6 +695,9 @@ def test_virtual_service_unimplemented_fields_warn():
         "spec.http[0].match[0].scheme: " + NI,
         "spec.http[0].match[0].statPrefix: " + NI,
         "spec.http[0].route[0].headers: " + NI,
+        "spec.http[0].mirrors: mirror and mirrors are both set (Istio's validation rejects this); "
+        "both are applied, mirror first",
+        "spec.http[0].mirror_percent: mirror_percent is ignored when mirrorPercentage is set",
         "spec.http[1].redirect: " + NI,
         "spec.http[2].directResponse: " + NI,
         "spec.http[3].delegate: " + NI,
