@@ -555,6 +555,26 @@ cdef class _Head:
                 return self._value(k)
         return None
 
+    def count_prefix(self, prefix):
+        """How many field names start with `prefix` (lowercase), e.g. b"x-envoy-": one pass in C,
+        so the proxy can skip header-driven work that almost no request needs."""
+        cdef bytes px = bytes(prefix)
+        cdef const unsigned char* p = <const unsigned char*>PyBytes_AS_STRING(px)
+        cdef Py_ssize_t pn = PyBytes_GET_SIZE(px)
+        cdef const unsigned char* b = self._b()
+        cdef int k, count = 0
+        cdef Py_ssize_t i, s
+        for k in range(self._n):
+            s = self._f[k].ns
+            if self._f[k].ne - s < pn:
+                continue
+            for i in range(pn):
+                if T_LOWER[b[s + i]] != T_LOWER[p[i]]:
+                    break
+            else:
+                count += 1
+        return count
+
     def get_all(self, name):
         cdef bytes nm = bytes(name)
         cdef const unsigned char* s = <const unsigned char*>PyBytes_AS_STRING(nm)

@@ -30,8 +30,8 @@ from meshcore.io.upstream import (OVERFLOW, PER_TRY_TIMEOUT, Attempt, exchange, 
 from meshcore.policy.classify import Kind
 from meshcore.policy.fault import DELAY_FLAG, decide_fault
 from meshcore.policy.mirror import should_mirror
-from meshcore.policy.retry import (RETRY_REQUEST_HEADERS, RetryState, final_flags, is_idempotent,
-                                   merge_request_overrides)
+from meshcore.policy.retry import (RETRY_REQUEST_HEADERS, Reason, RetryState, final_flags,
+                                   is_idempotent, merge_request_overrides)
 from meshcore.policy.timeout import TIMEOUT_REQUEST_HEADERS, plan_deadlines, route_timeout_override
 from meshcore.proto.wire import (BODY_CHUNKED, BODY_LENGTH, BODY_NONE, MAX_REQUEST_HEAD,
                                  MAX_REQUEST_LINE, parse_request, request_body_kind)
@@ -270,9 +270,13 @@ async def _proxy(ctx, dsock, head, data, rec, t0):
         await _local(dsock, rec, lr.NO_HEALTHY_UPSTREAM, close_on_local)
         return not close_on_local, leftover
 
-    retry = merge_request_overrides(route.retry, head.get)
-    timeout = route_timeout_override(route.timeout, head.get)
-    upstream_head = _upstream_head(ctx, head, body_kind, body_len, rec)
+    if head.count_prefix(b"x-envoy-"):  # rare: client overrides to merge, then strip
+        retry = merge_request_overrides(route.retry, head.get)
+        timeout = route_timeout_override(route.timeout, head.get)
+        forwarded = head.forward_headers(STRIPPED_REQUEST_HEADERS)
+    else:
+        retry, timeout, forwarded = route.retry, route.timeout, head.forward_headers()
+    upstream_head = _upstream_head(ctx, head, forwarded, body_kind, body_len, rec)
     if head.expect_continue:
         try:
             await send_all(dsock, CONTINUE_100)
@@ -309,10 +313,10 @@ async def _proxy(ctx, dsock, head, data, rec, t0):
     return keep, body.leftover
 
 
-def _upstream_head(ctx, head, body_kind, body_len, rec) -> bytes:
+def _upstream_head(ctx, head, forwarded, body_kind, body_len, rec) -> bytes:
     """The request line and headers shared by every attempt; per-attempt lines are appended."""
     parts = [head.method, b" ", head.path, b" HTTP/1.1\r\nhost: ", head.host or b"", b"\r\n",
-             head.forward_headers(STRIPPED_REQUEST_HEADERS)]
+             forwarded]
     request_id = head.get(b"x-request-id")
     if request_id is None:
         request_id = _new_request_id()
@@ -346,6 +350,7 @@ async def _forward(ctx, dsock, head, body, rec, t0, state, retry, deadlines, ups
                     try_acquire_retry=state.try_retry, release_retry=state.end_retry)
     stats = state.stats
     att = None
+    retried = False
     current = True
     try:
         decision = None
@@ -357,7 +362,7 @@ async def _forward(ctx, dsock, head, body, rec, t0, state, retry, deadlines, ups
                 if ep < 0:  # every host ejected and no panic: Envoy's fast 503
                     keep = head.keep_alive and body.done
                     await _local(dsock, rec, lr.NO_HEALTHY_UPSTREAM, not keep,
-                                 flags="URX,UH" if st.attempt_count > 1 else "UH")
+                                 flags="URX,UH" if retried else "UH")
                     return keep
             rec.upstream_host = state.endpoints[ep].key
             now = trio.current_time()
@@ -391,7 +396,9 @@ async def _forward(ctx, dsock, head, body, rec, t0, state, retry, deadlines, ups
                 if st.retry_success:
                     stats.inc(W_UPSTREAM_RQ_RETRY_SUCCESS)
                 break
-            rec.flags = "URX"  # provisional: the final flags come from final_flags below
+            if decision.reason is Reason.RETRY:  # not the stale keep-alive replay
+                retried = True
+                rec.flags = "URX"  # provisional: the final flags come from final_flags below
             if att.conn is not None:  # a retriable response: its body is not wanted
                 release(state, att.conn, False, False)
                 att.conn = None
@@ -401,7 +408,7 @@ async def _forward(ctx, dsock, head, body, rec, t0, state, retry, deadlines, ups
         flags = final_flags(decision, outcome) or "-"
         if outcome.kind is not Kind.RESPONSE:
             reply = _FAILURE_REPLIES[outcome.kind]
-            if st.attempt_count > 1:
+            if retried:  # Envoy words a reset reply differently after policy retries
                 reply = lr.retried(reply)
             keep = head.keep_alive and body.done
             await _local(dsock, rec, reply, not keep,

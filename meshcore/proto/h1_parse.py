@@ -348,6 +348,11 @@ class _Head:
         name = name.lower()
         return [v for k, v in self._fields if k == name]
 
+    def count_prefix(self, prefix):
+        """How many field names start with `prefix` (lowercase), e.g. b"x-envoy-"."""
+        prefix = prefix.lower()
+        return sum(1 for k, _ in self._fields if k.startswith(prefix))
+
     def headers(self):
         return list(self._fields)
 

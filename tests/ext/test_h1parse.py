@@ -871,3 +871,11 @@ def test_prefix_property(h1, data, response):
     """Any prefix of any input: None or the whole input's answer (random heads)."""
     check_prefixes(h1.parse_request, data)
     check_prefixes(h1.parse_response, response)
+
+
+def test_count_prefix_counts_field_names_case_insensitively(h1):
+    head = h1.parse_request(b"GET / HTTP/1.1\r\nHost: a\r\nX-Envoy-Retry-On: 5xx\r\n"
+                              b"x-envoy-max-retries: 1\r\nX-En: 1\r\nx-envoy: 2\r\n\r\n")
+    assert head.count_prefix(b"x-envoy-") == 2
+    assert head.count_prefix(b"host") == 1
+    assert head.count_prefix(b"x-nothing") == 0
