@@ -40,6 +40,7 @@ OVERFLOW = LocalReply(
     "upstream_reset_before_response_started{overflow}")
 OVERLOADED_HEADER = b"x-envoy-overloaded: true\r\n"
 HTTP10_REJECTED = LocalReply(426, b"Upgrade Required", "-", "low_version")
+INTERNAL_ERROR = LocalReply(500, b"internal error", "-", "meshcore_internal_error")
 
 
 def retried(reply: LocalReply) -> LocalReply:

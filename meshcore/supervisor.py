@@ -148,6 +148,7 @@ class Supervisor:
             for p in exc.problems:
                 print(p, file=sys.stderr)
             self.segment.unlink()
+            self.segment.close()
             return 2
         self.generation = self.snapshot.generation
         for w in self.snapshot.warnings:
@@ -158,6 +159,7 @@ class Supervisor:
             pass
         finally:
             self.segment.unlink()
+            self.segment.close()
         return 0
 
     async def _main(self) -> None:

@@ -31,8 +31,10 @@ from meshcore.config import istio
 from meshcore.policy.fault import fault_policy_from_istio
 from meshcore.policy.mirror import mirror_policies_from_istio
 from meshcore.upstream.breaker import breaker_limits_from_istio
+from meshcore.upstream.hashkey import hash_policy_from_istio
 from meshcore.upstream.outlier import outlier_policy_from_istio
-from meshcore.policy.retry import DEFAULT_POLICY as DEFAULT_RETRY_POLICY, retry_policy_from_istio
+from meshcore.policy.retry import DEFAULT_CONSISTENT_HASH_POLICY, retry_policy_from_istio
+from meshcore.policy.retry import DEFAULT_POLICY as DEFAULT_RETRY_POLICY
 from meshcore.config.policy import (
     LB_LEAST_REQUEST,
     LB_RANDOM,
@@ -429,6 +431,7 @@ class _HttpRoute:
     fault: object  # FaultPolicy or None
     mirrors: tuple  # MirrorPolicy, ...
     path: str  # spec.http[i], for messages about the route's destinations
+    retries: object  # the raw `retries` block: recompiled for consistent-hash destinations
 
 
 @dataclass
@@ -624,7 +627,13 @@ def _check_lb(lb: istio.LoadBalancerSettings | None, path: str, label: str, rep:
             rep.error(label, f"{path}.consistentHash", f"only one hash key may be set, got {', '.join(keys)}")
         if ch.ring_hash is not None and ch.maglev is not None:
             rep.error(label, f"{path}.consistentHash", "only one of ringHash or maglev may be set")
-        rep.warn(label, f"{path}.consistentHash")
+        try:
+            _, _, warns = hash_policy_from_istio(ch)
+        except ValueError as exc:
+            rep.error(label, f"{path}.consistentHash", str(exc))
+        else:
+            for msg in warns:
+                rep.warn(label, f"{path}.consistentHash", msg)
     if lb.warmup_duration_secs is not None and lb.warmup is not None:
         rep.error(label, path, "only one of warmupDurationSecs or warmup may be set")
     for attr, name in (("locality_lb_setting", "localityLbSetting"), ("zone_aware_lb_setting", "zoneAwareLbSetting"),
@@ -775,6 +784,10 @@ def _cluster(name: str, host: str, port: int, subset: str, endpoints, dr: _DrInf
                        subset_spec.traffic_policy if subset_spec is not None else None, port)
     lb = comps["load_balancer"]
     lb_kind = _LB_MAP.get(lb.simple, LB_LEAST_REQUEST) if lb is not None and lb.simple else LB_LEAST_REQUEST
+    hash_policy = ring_config = None
+    if lb is not None and lb.consistent_hash is not None:
+        hash_policy, ring_config, _ = hash_policy_from_istio(lb.consistent_hash)  # validated before
+        lb_kind = ring_config.lb_policy
     connect_timeout = DEFAULT_CONNECT_TIMEOUT
     idle_timeout = DEFAULT_IDLE_TIMEOUT
     max_rpc = 0
@@ -803,6 +816,8 @@ def _cluster(name: str, host: str, port: int, subset: str, endpoints, dr: _DrInf
         max_requests_per_connection=max_rpc,
         outlier=outlier,
         limits=limits,
+        hash_policy=hash_policy,
+        ring_config=ring_config,
     )
 
 
@@ -985,7 +1000,7 @@ def _compile_http(vs_doc: _Doc, i: int, h: istio.HTTPRoute, rep: _Report) -> _Ht
     for field, msg in warns:
         where = field if field.startswith("metadata.") else (f"{path}.{field}" if field else path)
         rep.warn(label, where, msg)
-    return _HttpRoute(names, matches, tuple(dests), timeout, retry, fault, mirrors, path)
+    return _HttpRoute(names, matches, tuple(dests), timeout, retry, fault, mirrors, path, h.retries)
 
 
 def _compile_virtual_services(vs_docs, rep: _Report) -> dict[str, _VsInfo]:
@@ -1035,6 +1050,12 @@ def _compile_virtual_services(vs_docs, rep: _Report) -> dict[str, _VsInfo]:
 
 # ------------------------------------------------------------------------------------------------
 # Snapshot assembly
+
+
+def _hash_policies(destinations, clusters) -> tuple:
+    """Envoy's route hash policies: one per destination whose cluster hashes (semantics §2.7)."""
+    return tuple(clusters[d.cluster].hash_policy for d in destinations
+                 if clusters[d.cluster].ring_config is not None and clusters[d.cluster].hash_policy is not None)
 
 
 class _MirrorDest:
@@ -1177,10 +1198,15 @@ def compile_sources(sources: dict[str, bytes], generation: int = 0, *, resolver:
                 mirrors = tuple(
                     (m, "" if m.is_capture else resolve_dest(_MirrorDest(m), port, info.doc.label, f"{r.path}.mirror"))
                     for m in r.mirrors)
+                hashing = _hash_policies(wcs, clusters)
+                retry = r.retry
+                if len(wcs) == 1 and clusters[wcs[0].cluster].ring_config is not None and retry is not None:
+                    # Istio >= 1.23 drops previous_hosts when the one destination hashes
+                    retry = retry_policy_from_istio(r.retries, True)[0]
                 for name, ms in zip(r.names, r.matches):
                     routes.append(RoutePolicy(name=name, matches=ms, destinations=wcs, total_weight=total,
-                                              timeout=r.timeout, retry=r.retry, fault=r.fault,
-                                              mirrors=mirrors))
+                                              timeout=r.timeout, retry=retry, fault=r.fault,
+                                              mirrors=mirrors, hash_policies=hashing))
         if not routes:
             cname = f"outbound|{port}||{host}"
             if cname not in clusters:
@@ -1191,7 +1217,11 @@ def compile_sources(sources: dict[str, bytes], generation: int = 0, *, resolver:
                 destinations=(WeightedCluster(cname, 100),),
                 total_weight=100,
                 timeout=0.0,
-                retry=DEFAULT_RETRY_POLICY,  # istiod gives a VirtualService-less host its default
+                # istiod gives a VirtualService-less host its default policy (no previous_hosts
+                # predicate for a consistent-hash destination)
+                retry=(DEFAULT_CONSISTENT_HASH_POLICY if clusters[cname].ring_config is not None
+                       else DEFAULT_RETRY_POLICY),
+                hash_policies=_hash_policies((WeightedCluster(cname, 100),), clusters),
             ))
         vh = VirtualHostPolicy(name=f"{host}:{port}", routes=tuple(routes))
         vhosts[f"{host}:{port}"] = vh

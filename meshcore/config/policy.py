@@ -38,6 +38,10 @@ class ClusterPolicy:
     max_requests_per_connection: int = 0  # 0 = unlimited, 1 = no keep-alive
     outlier: object = None  # meshcore.upstream.outlier.OutlierPolicy; None = no detector
     limits: object = None  # meshcore.upstream.breaker.BreakerLimits; None = Istio's unlimited
+    # consistentHash: the route-side key (meshcore.upstream.hashkey.HashPolicy, None = no key,
+    # random hash) and the table (RingConfig); ring_config None = not a consistent-hash cluster
+    hash_policy: object = None
+    ring_config: object = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,6 +62,8 @@ class RoutePolicy:
     fault: object = None  # meshcore.policy.fault.FaultPolicy or None
     # (meshcore.policy.mirror.MirrorPolicy, mirror cluster name or "" for the capture sink), ...
     mirrors: tuple = ()
+    # Envoy hashes with every destination's policy, folded (semantics §2.7); () = no hashing
+    hash_policies: tuple = ()
 
 
 @dataclass(frozen=True, slots=True)

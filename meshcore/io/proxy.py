@@ -16,7 +16,9 @@ from __future__ import annotations
 import math
 import random
 import socket
+import sys
 import time
+import traceback
 
 import trio
 
@@ -30,6 +32,7 @@ from meshcore.io.upstream import (OVERFLOW, PER_TRY_TIMEOUT, Attempt, exchange, 
 from meshcore.policy.classify import Kind
 from meshcore.policy.fault import DELAY_FLAG, decide_fault
 from meshcore.policy.mirror import should_mirror
+from meshcore.upstream.hashkey import hash_source_address, request_hash
 from meshcore.policy.retry import (RETRY_REQUEST_HEADERS, Reason, RetryState, final_flags,
                                    is_idempotent, merge_request_overrides)
 from meshcore.policy.timeout import TIMEOUT_REQUEST_HEADERS, plan_deadlines, route_timeout_override
@@ -196,9 +199,25 @@ async def serve_connection(ctx: WorkerContext, sock: socket.socket) -> None:
         await _send_quietly(sock, lr.render(reply, close=True))
     except (DownstreamGone, OSError):
         pass
+    except Exception:  # a bug must cost one connection, never the worker and its neighbours
+        _report_bug()
+        await _send_quietly(sock, lr.render(lr.INTERNAL_ERROR, close=True))
     finally:
         ctx.connections -= 1
         sock.close()
+
+
+_bug_reports = [0.0, 0]
+
+
+def _report_bug() -> None:
+    """Print the traceback of an unexpected error, at most a few per minute."""
+    now = _monotonic()
+    if now - _bug_reports[0] > 60:
+        _bug_reports[0], _bug_reports[1] = now, 0
+    _bug_reports[1] += 1
+    if _bug_reports[1] <= 5:
+        traceback.print_exc(file=sys.stderr)
 
 
 async def _send_quietly(sock, payload: bytes) -> None:
@@ -266,7 +285,7 @@ async def _proxy(ctx, dsock, head, data, rec, t0):
     cluster_name = pick_destination(route, rng.getrandbits(32))
     rec.cluster = cluster_name
     state = ctx.clusters.get(cluster_name)
-    if state is None or state.balancer is None:
+    if state is None or state.n == 0:
         await _local(dsock, rec, lr.NO_HEALTHY_UPSTREAM, close_on_local)
         return not close_on_local, leftover
 
@@ -282,6 +301,12 @@ async def _proxy(ctx, dsock, head, data, rec, t0):
             await send_all(dsock, CONTINUE_100)
         except OSError as exc:
             raise DownstreamGone() from exc
+    hashing = _NO_HASH
+    if state.table is not None and route.hash_policies:
+        remote = rec.downstream_remote or ""
+        hashing = request_hash(route.hash_policies, head,
+                               hash_source_address(remote, head.get(b"x-forwarded-for")),
+                               remote, rec.downstream_local or "")
     mirrors = None
     if route.mirrors:  # one draw for all of the route's mirrors, as Envoy does
         rnd = rng.getrandbits(32)
@@ -298,7 +323,7 @@ async def _proxy(ctx, dsock, head, data, rec, t0):
     if deadlines.global_timeout_ms:
         with trio.move_on_at(deadlines.global_deadline) as scope:
             keep = await _forward(ctx, dsock, head, body, rec, t0, state, retry, deadlines,
-                                  upstream_head, mirrors)
+                                  upstream_head, mirrors, hashing)
         if scope.cancelled_caught:
             state.stats.inc(W_UPSTREAM_RQ_TIMEOUT)
             if rec.status:  # the response already started: abort the client connection
@@ -309,7 +334,7 @@ async def _proxy(ctx, dsock, head, data, rec, t0):
             return False, b""
     else:
         keep = await _forward(ctx, dsock, head, body, rec, t0, state, retry, deadlines, upstream_head,
-                              mirrors)
+                              mirrors, hashing)
     return keep, body.leftover
 
 
@@ -340,14 +365,17 @@ def _upstream_head(ctx, head, forwarded, body_kind, body_len, rec) -> bytes:
 
 
 async def _forward(ctx, dsock, head, body, rec, t0, state, retry, deadlines, upstream_head,
-                   mirrors) -> bool:
+                   mirrors, hashing) -> bool:
     """The attempt loop: pick, exchange, classify, decide; then relay or reply. Returns keep-alive.
 
     `mirrors`: copies still to send once the body is complete (after the first attempt read it).
+    `hashing`: (consistent-hash value or None, Set-Cookie values to add) for ring/Maglev clusters.
     """
     rng = ctx.rng
     st = RetryState(retry, body_replayable=True, idempotent=is_idempotent(head.method),
                     try_acquire_retry=state.try_retry, release_retry=state.end_retry)
+    hashed, cookies = hashing
+    picks = 0
     stats = state.stats
     att = None
     retried = False
@@ -358,7 +386,8 @@ async def _forward(ctx, dsock, head, body, rec, t0, state, retry, deadlines, ups
         ep = -1
         while True:
             if decision is None or not decision.fresh_connection:
-                ep = state.pick(st.exclude)
+                ep = state.pick(st.exclude, hashed)
+                picks += 1
                 if ep < 0:  # every host ejected and no panic: Envoy's fast 503
                     keep = head.keep_alive and body.done
                     await _local(dsock, rec, lr.NO_HEALTHY_UPSTREAM, not keep,
@@ -421,8 +450,10 @@ async def _forward(ctx, dsock, head, body, rec, t0, state, retry, deadlines, ups
         conn = att.conn
         att.conn = None
         try:
+            # Envoy adds the invented cookie once per host selection, to upstream responses only
+            extra = b"".join(b"set-cookie: " + c + b"\r\n" for c in cookies) * picks if cookies else b""
             reusable, complete = await relay_response(dsock, conn, head, att.rhead, att.rdata, rec,
-                                                      service_ms)
+                                                      service_ms, extra)
         except BaseException:
             release(state, conn, False, False)
             raise
@@ -444,7 +475,7 @@ def _submit_mirrors(ctx, mirrors, upstream_head: bytes, body) -> None:
         target = state = None
         if cluster:
             state = ctx.clusters.get(cluster)
-            if state is not None and state.balancer is not None:
+            if state is not None and state.n:
                 ep = state.pick(None)
                 if ep >= 0:
                     e = state.endpoints[ep]
@@ -484,6 +515,8 @@ async def _run_attempt(state, ep, att, body, head_bytes, st, deadlines, now, fre
         state.book.rq_end(ep)
         state.end_request()
 
+
+_NO_HASH = (None, ())
 
 _FAILURE_REPLIES = {
     Kind.CONNECT_FAILURE: lr.CONNECT_FAILURE,

@@ -20,6 +20,7 @@ from meshcore.upstream import breaker, outlier
 from meshcore.upstream.balancer import make_balancer
 from meshcore.upstream.outcome import outcome_from_classified
 from meshcore.upstream.pool import PoolBook
+from meshcore.upstream.ring import pick_excluding
 
 MAX_IDLE_PER_ENDPOINT = 64
 PENDING_POLL = 0.02  # a pending request re-checks the shared connection limit this often
@@ -40,7 +41,8 @@ def now_ms() -> int:
 
 class ClusterState:
     __slots__ = ("policy", "slots", "endpoints", "book", "balancer", "idle_timeout", "row",
-                 "hosts", "stats", "outlier", "limits", "n", "conn_freed", "limited_cx")
+                 "hosts", "stats", "outlier", "limits", "n", "conn_freed", "limited_cx", "table",
+                 "_tables")
 
     def __init__(self, policy: ClusterPolicy, rng: random.Random, segment, worker: int, slots):
         self.policy = policy
@@ -50,8 +52,15 @@ class ClusterState:
         # Istio/Envoy: an idle timeout of 0 disables it.
         self.idle_timeout = policy.idle_timeout or math.inf
         self.book = PoolBook(self.n, MAX_IDLE_PER_ENDPOINT)
-        self.balancer = (make_balancer(policy.lb, [e.weight for e in policy.endpoints], rng)
-                         if policy.endpoints else None)
+        weights = [e.weight for e in policy.endpoints]
+        self.table = None  # consistent hashing: the ring or Maglev table over all endpoints
+        self._tables = {}  # healthy subset -> (table, endpoint index per table index)
+        if policy.ring_config is not None:
+            self.balancer = None
+            if policy.endpoints:
+                self.table = policy.ring_config.build([e.key for e in policy.endpoints], weights)
+        else:
+            self.balancer = make_balancer(policy.lb, weights, rng) if policy.endpoints else None
         self.outlier = policy.outlier if policy.outlier is not None else outlier.DISABLED
         self.limits = policy.limits if policy.limits is not None else breaker.DEFAULT_LIMITS
         self.limited_cx = self.limits.max_connections < breaker.UNLIMITED
@@ -63,22 +72,34 @@ class ClusterState:
 
     # === host choice ===
 
-    def pick(self, exclude) -> int:
+    def pick(self, exclude, h=None) -> int:
         """An endpoint index for the next attempt, or -1 when no host may be picked (UH).
 
         Ejected hosts are skipped unless the cluster is in panic; `exclude` (hosts already
-        tried) is a preference, as Envoy's previous_hosts predicate is.
+        tried) is a preference, as Envoy's previous_hosts predicate is. `h` is the request's
+        consistent-hash value (None: no key, a random one), used by ring/Maglev clusters.
         """
         if self.row.ejections_active.load() == 0:  # the common case: nobody ejected
+            if self.table is not None:
+                return self._pick_hashed(self.table, None, h, exclude)
             return self.balancer.pick(self.book, exclude)
         healthy, panic = outlier.healthy_set_or_panic(
             outlier.availability(self.hosts, now_ms()), self.outlier.healthy_panic_threshold)
         if panic:
             self.stats.inc(L.W_LB_HEALTHY_PANIC)
+            if self.table is not None:
+                return self._pick_hashed(self.table, None, h, exclude)
             return self.balancer.pick(self.book, exclude)
         if not healthy:
             self.stats.inc(L.W_UPSTREAM_CX_NONE_HEALTHY)
             return -1
+        if self.table is not None:
+            # Envoy builds the table over the healthy hosts: a key moves only while its host is
+            # out, and comes back after.
+            if len(healthy) == self.n:
+                return self._pick_hashed(self.table, None, h, exclude)
+            table, index = self._healthy_table(healthy)
+            return self._pick_hashed(table, index, h, exclude)
         if len(healthy) == self.n:
             return self.balancer.pick(self.book, exclude)
         ok = set(healthy)
@@ -89,6 +110,29 @@ class ClusterState:
                 return ep
         pool = sorted(avoid or ok)
         return pool[random.getrandbits(32) % len(pool)]
+
+    def _healthy_table(self, healthy):
+        entry = self._tables.get(healthy)
+        if entry is None:
+            if len(self._tables) > 16:  # ejection sets churn: keep the cache small
+                self._tables.clear()
+            eps = self.endpoints
+            entry = (self.policy.ring_config.build([eps[i].key for i in healthy],
+                                                   [eps[i].weight for i in healthy]), healthy)
+            self._tables[healthy] = entry
+        return entry
+
+    @staticmethod
+    def _pick_hashed(table, index, h, exclude) -> int:
+        if h is None:
+            h = random.getrandbits(64)
+        if exclude:
+            if index is not None:
+                exclude = {index.index(e) for e in exclude if e in index}
+            i = pick_excluding(table, h, exclude)
+        else:
+            i = table.pick(h, 0)
+        return i if index is None else index[i]
 
     # === breakers (limits shared by all workers) ===
 

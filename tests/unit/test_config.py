@@ -169,7 +169,7 @@ def test_seed_circuit_breaker():
 
 
 @pytest.mark.parametrize("d,lb", [("3-lb-random", LB_RANDOM), ("3-lb-round-robin", LB_ROUND_ROBIN),
-                                  ("3-lb-header-hash", LB_LEAST_REQUEST)])
+                                  ("3-lb-header-hash", "RING_HASH")])
 def test_seed_lb(d, lb):
     s = seed(d)
     assert set(s.clusters) == BASE_CLUSTERS | {"outbound|80|v1|myweb-service"}
@@ -178,10 +178,10 @@ def test_seed_lb(d, lb):
     assert eps(s.clusters["outbound|80|v1|myweb-service"]) == [("127.0.0.1", p) for p in (18081, 18082, 18083)]
     (r,) = s.vhosts["myweb-service"].routes
     assert [d.cluster for d in r.destinations] == ["outbound|80|v1|myweb-service"]
+    assert s.warnings == ()
     if d == "3-lb-header-hash":
-        assert [w.split(": ", 2)[2] for w in s.warnings] == ["spec.trafficPolicy.loadBalancer.consistentHash: " + NI]
-    else:
-        assert s.warnings == ()
+        assert [p.name for p in r.hash_policies] == ["User"]  # the route hashes on the header
+        assert r.retry.previous_hosts is False  # Istio >= 1.23 drops it for consistent hash
 
 
 def test_seed_mirror():
@@ -745,7 +745,6 @@ def test_istio_14_fields_decode_and_warn():
         "spec.http[0].fault.abort.percent: abort.percent (Istio <= 1.4) is ignored by current Istio; "
         "use abort.percentage",
         "spec.http[0].fault.abort.percentage: no percentage (or 0%): the abort is never injected",
-        "spec.trafficPolicy.loadBalancer.consistentHash: " + NI,
         "spec.trafficPolicy: outlierDetection.consecutiveErrors is deprecated: applied as Istio 1.4 did "
         "(consecutive_gateway_failure=2, 502/503/504 and connection failures only; 5xx not enforced). "
         "Istio >= 1.7 ignores it and falls back to 5 consecutive 5xx; use consecutiveGatewayErrors / "
