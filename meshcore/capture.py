@@ -46,7 +46,6 @@ import re
 import threading
 import time
 
-import orjson
 
 from meshcore.errors import ProtocolError
 from meshcore.proto.wire import DATA, DONE, ChunkedReader
@@ -140,6 +139,7 @@ def capture_record(head: bytes, pieces, body_limit: int, now: float) -> bytes:
         text, encoding = body.decode("utf-8"), "utf8"
     except UnicodeDecodeError:
         text, encoding = base64.b64encode(body).decode("ascii"), "base64"
+    import orjson  # lazily: workers that never capture do not pay its memory
     return orjson.dumps({
         "time": now,
         "method": method.decode("latin-1"),
@@ -179,6 +179,7 @@ def rotated_files(path: str) -> list[str]:
 def read_records(paths):
     """Yield (path, line_number, record_or_None) for every line of the files, in order.
     A line that is not a JSON object (e.g. cut by a crash) yields None."""
+    import orjson
     for path in paths:
         with open(path, "rb") as f:
             for n, line in enumerate(f, 1):

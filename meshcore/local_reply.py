@@ -5,7 +5,6 @@ Each reply is a `LocalReply` constant, so the proxy and the access log agree on 
 from __future__ import annotations
 
 import time
-from email.utils import formatdate
 from http import HTTPStatus
 from typing import NamedTuple
 
@@ -57,14 +56,18 @@ def downstream_protocol_error(status: int) -> LocalReply:
 
 
 _date_cache = [0, b""]
+_DAYS = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")
+_MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
 
 
 def http_date() -> bytes:
-    """IMF-fixdate of the current second, formatted once per second."""
+    """IMF-fixdate of the current second, formatted once per second (no locale, no email pkg)."""
     now = int(time.time())
     if now != _date_cache[0]:
+        t = time.gmtime(now)
         _date_cache[0] = now
-        _date_cache[1] = formatdate(now, usegmt=True).encode()
+        _date_cache[1] = (f"{_DAYS[t.tm_wday]}, {t.tm_mday:02d} {_MONTHS[t.tm_mon - 1]} {t.tm_year} "
+                          f"{t.tm_hour:02d}:{t.tm_min:02d}:{t.tm_sec:02d} GMT").encode()
     return _date_cache[1]
 
 

@@ -50,7 +50,6 @@ import operator
 import socket
 from bisect import bisect_left
 
-import xxhash
 
 from meshcore import _accel
 from meshcore.upstream.balancer import NoHealthyUpstream
@@ -68,7 +67,6 @@ MAX_TABLE_SIZE = 5000011                 # Envoy's validation bound (lte), itsel
 MASK64 = (1 << 64) - 1
 _MAX_WEIGHT_SUM = (1 << 32) - 1
 
-_xxh64 = xxhash.xxh64_intdigest
 
 
 def hash_key_py(data, seed: int = 0) -> int:
@@ -78,6 +76,12 @@ def hash_key_py(data, seed: int = 0) -> int:
     if seed and not 0 <= seed <= MASK64:
         raise OverflowError(f"seed {seed} is outside [0, 2**64)")
     return _xxh64(data, seed)
+
+
+def _xxh64(data, seed: int = 0) -> int:
+    # imported on first use: only the pure twin hashes in Python; workers run the compiled one
+    import xxhash
+    return xxhash.xxh64_intdigest(data, seed)
 
 
 def fold_hash_py(acc: int, new: int) -> int:

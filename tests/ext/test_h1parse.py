@@ -879,3 +879,9 @@ def test_count_prefix_counts_field_names_case_insensitively(h1):
     assert head.count_prefix(b"x-envoy-") == 2
     assert head.count_prefix(b"host") == 1
     assert head.count_prefix(b"x-nothing") == 0
+
+
+def test_wire_exports_the_twin_api():
+    # wire.py lists the API itself so that workers never import the pure twin; keep it in step
+    from meshcore.proto import h1_parse, wire
+    assert sorted(wire.__all__) == sorted(h1_parse.__all__)
