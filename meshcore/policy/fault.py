@@ -21,6 +21,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import NamedTuple, Optional
 
+from meshcore.durations import to_seconds
+
 __all__ = [
     "HUNDRED",
     "MILLION",
@@ -115,15 +117,7 @@ def decide_fault(policy: FaultPolicy, rnd_delay: int, rnd_abort: int):
     return policy._results[d + 2 * a]
 
 
-def _seconds(value) -> float:
-    seconds = getattr(value, "seconds", None)
-    if seconds is not None:
-        return float(seconds)
-    if isinstance(value, str):
-        from meshcore.config.istio import parse_duration  # decode-time only
-
-        return parse_duration(value)
-    return float(value)
+_seconds = to_seconds  # one duration grammar for config and policy
 
 
 def _percentage(pct, path: str, warnings: list) -> Optional[int]:

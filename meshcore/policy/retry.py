@@ -57,6 +57,7 @@ from dataclasses import dataclass, replace
 from enum import IntEnum
 from typing import Callable, Optional
 
+from meshcore.durations import to_seconds
 from meshcore.policy.classify import Kind, Outcome
 
 __all__ = [
@@ -247,17 +248,7 @@ DEFAULT_CONSISTENT_HASH_POLICY = replace(DEFAULT_POLICY, previous_hosts=False)
 ENVOY_EMPTY_POLICY = RetryPolicy(host_selection_retry_max_attempts=1)
 
 
-def _seconds(value) -> float:
-    """A duration from the Istio Structs (`Duration` with `.seconds`), a Go duration string, or a
-    number of seconds."""
-    seconds = getattr(value, "seconds", None)
-    if seconds is not None:
-        return float(seconds)
-    if isinstance(value, str):
-        from meshcore.config.istio import parse_duration  # decode-time only; no cycle at import
-
-        return parse_duration(value)
-    return float(value)
+_seconds = to_seconds  # one duration grammar for config and policy
 
 
 def _duration_ms(seconds: float) -> int:

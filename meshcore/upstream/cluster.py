@@ -207,7 +207,10 @@ class ClusterState:
         stats = self.stats
         if outcome.kind is Kind.RESPONSE:
             stats.inc(L.W_UPSTREAM_RQ_TOTAL)
-            stats.inc(_STATUS_CLASS.get(outcome.status // 100, L.W_UPSTREAM_RQ_COMPLETED))
+            stats.inc(L.W_UPSTREAM_RQ_COMPLETED)
+            cls = _STATUS_CLASS.get(outcome.status // 100)
+            if cls is not None:
+                stats.inc(cls)
         elif outcome.kind is not Kind.OVERFLOW:
             stat = _FAILURE_STAT.get(outcome.kind)
             if stat is not None:

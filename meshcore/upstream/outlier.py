@@ -60,6 +60,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from meshcore.durations import to_seconds
 from meshcore.shm.layout import (
     C_EJECTIONS_ACTIVE,
     C_EJECTIONS_CONSECUTIVE_5XX,
@@ -355,16 +356,7 @@ def recount_ejections(hosts, cluster) -> int:
 
 def _duration_ms(value) -> int:
     """Duration (meshcore.config.istio.Duration), Go duration string or seconds -> whole ms."""
-    seconds = getattr(value, "seconds", None)
-    if seconds is None:
-        if isinstance(value, str):
-            from meshcore.config.istio import parse_duration
-            seconds = parse_duration(value)
-        elif isinstance(value, (int, float)) and not isinstance(value, bool):
-            seconds = float(value)
-        else:
-            raise TypeError(f"not a duration: {value!r}")
-    return int(round(seconds * 1000))
+    return int(round(to_seconds(value) * 1000))
 
 
 def outlier_policy_from_istio(od, *, check_mep_on_first_eject: bool = False,
