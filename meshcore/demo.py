@@ -225,7 +225,7 @@ meshcore demo: 6 myweb pods (v1 x3, v2 x3) and 3 retry pods on 127.0.0.1:18081-1
 try, in another terminal:
   curl -s http://{host}:{port}/ -H 'Host: myweb-service'          # v1 pods only (subset v1, RANDOM)
   curl -s http://{host}:{port}/ -H 'Host: split-service'          # 80 % v1, 20 % v2
-  curl -s 'http://{host}:{port}/?failRate=50&mode=busy' -H 'Host: retry-service'
+  curl -s 'http://{host}:{port}/?failRate=50&mode=busy' -H 'Host: retry-service'   # retried: {{}}
   curl -s http://{args.admin[0]}:{args.admin[1]}/config_dump      # the compiled config
 Ctrl-C stops it.
 """, flush=True)

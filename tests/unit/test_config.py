@@ -109,10 +109,10 @@ def test_demo_vhosts_and_clusters():
     assert [(d.cluster, d.weight) for d in split.destinations] == [
         ("outbound|80|v1|split-service", 80), ("outbound|80|v2|split-service", 20)]
     assert split.total_weight == 100
-    (default,) = s.vhosts["retry-service"].routes
-    assert default.name == "default"
-    assert [(d.cluster, d.weight) for d in default.destinations] == [("outbound|80||retry-service", 100)]
-    assert default.timeout == 0.0
+    (retry,) = s.vhosts["retry-service"].routes  # the article's retry VirtualService
+    assert retry.name == "retry-vs"
+    assert [(d.cluster, d.weight) for d in retry.destinations] == [("outbound|80||retry-service", 100)]
+    assert (retry.timeout, retry.retry.num_retries, retry.retry.per_try_timeout) == (15.0, 15, 1.0)
     assert s.vhosts["retry-service"] is s.vhosts["retry-service:80"]
 
 
