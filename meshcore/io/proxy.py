@@ -3,11 +3,13 @@
 Flow of one request (architecture.md "Request flow"): parse head -> route -> pick cluster and
 endpoint -> check out or open an upstream connection -> send the re-serialised head and stream the
 body -> parse the response head -> stream the response back with framing recomputed -> check the
-connection back in -> access log. Per request there is no task spawn and no nursery; a cancel scope
-is opened only when the route has a timeout.
+connection back in -> access log; around the attempt, the retry loop decides from the shared
+outcome classifier. Per request there is no task spawn and no nursery; a cancel scope is opened
+only when the route has a timeout or a per-try timeout.
 
 Error handling: a malformed request gets its status hint and the connection closes; an upstream
-failure before response headers becomes Envoy's local reply (UF/UC/UPE/UT); a failure after the
+failure before response headers becomes Envoy's local reply (UF/UC/UPE/UT/UO), after any retries
+the policy allows; a failure after the
 response started aborts the downstream connection, because a partial response must never look
 complete.
 """
