@@ -23,23 +23,15 @@ MAX_RESPONSE_HEAD = 80 * 1024
 MAX_CHUNK_LINE = 4096
 MAX_LEADING_CRLF = 4
 
-BODY_NONE = 0
-BODY_LENGTH = 1
-BODY_CHUNKED = 2
-BODY_CLOSE = 3
+BODY_NONE = C_BODY_NONE
+BODY_LENGTH = C_BODY_LENGTH
+BODY_CHUNKED = C_BODY_CHUNKED
+BODY_CLOSE = C_BODY_CLOSE
 
-NEED_DATA = 0
-DATA = 1
-DONE = 2
+NEED_DATA = C_NEED_DATA
+DATA = C_DATA
+DONE = C_DONE
 
-cdef enum:
-    C_MAX_REQUEST_HEAD = 60 * 1024
-    C_MAX_HEADERS = 100
-    C_MAX_REQUEST_LINE = 8192
-    C_MAX_RESPONSE_HEAD = 80 * 1024
-    C_MAX_CHUNK_LINE = 4096
-    C_MAX_LEADING_CRLF = 4
-    C_MAX_EXCLUDE = 64
 
 cdef enum:
     K_OTHER = 0
@@ -164,14 +156,6 @@ cdef void _init_tables():
 
 
 _init_tables()
-
-
-cdef struct Field:
-    uint32_t ns
-    uint32_t ne
-    uint32_t vs
-    uint32_t ve
-    int kind
 
 
 cdef inline bint _ows(unsigned char c) noexcept nogil:
@@ -466,15 +450,6 @@ cdef long long _content_length(const unsigned char* b, Py_ssize_t s, Py_ssize_t 
 # heads
 
 cdef class _Head:
-    cdef bytes _raw
-    cdef Field* _f
-    cdef int _n
-    cdef Py_ssize_t _end
-    cdef long long _cl
-    cdef bint _chunked
-    cdef bint _keep_alive
-    cdef bint _has_conn
-
     def __dealloc__(self):
         if self._f != NULL:
             PyMem_Free(self._f)
@@ -545,22 +520,27 @@ cdef class _Head:
                 return False
         return True
 
-    def get(self, name):
-        cdef bytes nm = bytes(name)
-        cdef const unsigned char* s = <const unsigned char*>PyBytes_AS_STRING(nm)
-        cdef Py_ssize_t nn = PyBytes_GET_SIZE(nm)
+    cdef int find(self, const char* name, Py_ssize_t nn):
+        """Index of the first field named `name` (any case), or -1."""
         cdef int k
         for k in range(self._n):
-            if self._name_is(k, s, nn):
-                return self._value(k)
-        return None
+            if self._name_is(k, <const unsigned char*>name, nn):
+                return k
+        return -1
+
+    def get(self, name):
+        cdef bytes nm = bytes(name)
+        cdef int k = self.find(PyBytes_AS_STRING(nm), PyBytes_GET_SIZE(nm))
+        return None if k < 0 else self._value(k)
 
     def count_prefix(self, prefix):
         """How many field names start with `prefix` (lowercase), e.g. b"x-envoy-": one pass in C,
         so the proxy can skip header-driven work that almost no request needs."""
         cdef bytes px = bytes(prefix)
-        cdef const unsigned char* p = <const unsigned char*>PyBytes_AS_STRING(px)
-        cdef Py_ssize_t pn = PyBytes_GET_SIZE(px)
+        return self.count_prefix_c(PyBytes_AS_STRING(px), PyBytes_GET_SIZE(px))
+
+    cdef int count_prefix_c(self, const char* prefix, Py_ssize_t pn):
+        cdef const unsigned char* p = <const unsigned char*>prefix
         cdef const unsigned char* b = self._b()
         cdef int k, count = 0
         cdef Py_ssize_t i, s
@@ -775,12 +755,6 @@ cdef class _Head:
 
 cdef class RequestHead(_Head):
     """A parsed request head. Read-only; the head bytes are copied out of the caller's buffer."""
-    cdef Py_ssize_t _ms, _me, _ts, _te, _ps, _pe, _hs, _he
-    cdef bint _path_slash
-    cdef int _version
-    cdef bint _expect_continue
-    cdef bint _upgrade
-    cdef object _method_o, _target_o, _path_o, _host_o
 
     @property
     def method(self):
@@ -843,10 +817,6 @@ cdef class RequestHead(_Head):
 
 cdef class ResponseHead(_Head):
     """A parsed response head. Read-only."""
-    cdef int _status
-    cdef int _version
-    cdef Py_ssize_t _rs, _re
-    cdef object _reason_o
 
     @property
     def status(self):
@@ -887,6 +857,11 @@ def parse_request(buf, Py_ssize_t start=0):
     cdef object keep = _buf_keep(buf)
     cdef Py_ssize_t n
     cdef const unsigned char* b = _buf_ptr(keep, &n)
+    return parse_request_c(b, n, start)
+
+
+cdef RequestHead parse_request_c(const unsigned char* b, Py_ssize_t n, Py_ssize_t start):
+    """parse_request over a C buffer b[0:n] (the event loop's entry point); None if incomplete."""
     cdef Field f[C_MAX_HEADERS]
     cdef int nf = 0, k, version
     cdef Py_ssize_t limit, p, rl_limit, bound, j, q, i, t, ts, te, v, ms, me, end = 0
@@ -1075,6 +1050,11 @@ def parse_response(buf, Py_ssize_t start=0):
     cdef object keep = _buf_keep(buf)
     cdef Py_ssize_t n
     cdef const unsigned char* b = _buf_ptr(keep, &n)
+    return parse_response_c(b, n, start)
+
+
+cdef ResponseHead parse_response_c(const unsigned char* b, Py_ssize_t n, Py_ssize_t start):
+    """parse_response over a C buffer b[0:n]; None if incomplete."""
     cdef Field f[C_MAX_HEADERS]
     cdef int nf = 0, k, t, status, version
     cdef Py_ssize_t limit, p, bound, j, q, i, end = 0, rs
@@ -1276,11 +1256,6 @@ cdef uint64_t _chunk_size_line(const unsigned char* b, Py_ssize_t p, Py_ssize_t 
 
 cdef class ChunkedReader:
     """Sans-IO decoder of a chunked body: feed it with step(buf, pos, end)."""
-    cdef int _state
-    cdef uint64_t _remaining
-    cdef uint64_t _total
-    cdef Py_ssize_t _trailer_bytes
-    cdef int _trailers
 
     def __cinit__(self):
         self._state = S_SIZE
@@ -1303,30 +1278,46 @@ cdef class ChunkedReader:
 
     def step(self, buf, Py_ssize_t pos, Py_ssize_t end):
         cdef object keep = _buf_keep(buf)
-        cdef Py_ssize_t n, j, q, lim, bound, avail
+        cdef Py_ssize_t n, a = 0, z = 0
         cdef const unsigned char* b = _buf_ptr(keep, &n)
-        cdef const unsigned char* lf
-        cdef uint64_t k, size
+        cdef int kind
         if pos < 0 or end < pos or end > n:
             raise ValueError("pos/end out of range")
+        kind = self.step_c(b, pos, end, &a, &z)
+        return kind, a, z
+
+    cdef int step_c(self, const unsigned char* b, Py_ssize_t pos, Py_ssize_t end,
+                    Py_ssize_t* out_a, Py_ssize_t* out_b) except -1:
+        """`step` over a C buffer: returns NEED_DATA/DATA/DONE with the (a, b) pair in out_a/out_b."""
+        cdef Py_ssize_t j, q, lim, bound, avail
+        cdef const unsigned char* lf
+        cdef uint64_t k, size
         while True:
             if self._state == S_DATA:
                 avail = end - pos
                 if avail <= 0:
-                    return NEED_DATA, pos, pos
+                    out_a[0] = pos
+                    out_b[0] = pos
+                    return C_NEED_DATA
                 k = self._remaining if self._remaining < <uint64_t>avail else <uint64_t>avail
                 self._remaining -= k
                 self._total += k
                 if self._remaining == 0:
                     self._state = S_DATA_CRLF
-                return DATA, pos, pos + <Py_ssize_t>k
+                out_a[0] = pos
+                out_b[0] = pos + <Py_ssize_t>k
+                return C_DATA
             elif self._state == S_DATA_CRLF:
                 if pos >= end:
-                    return NEED_DATA, pos, pos
+                    out_a[0] = pos
+                    out_b[0] = pos
+                    return C_NEED_DATA
                 if b[pos] != 13:
                     self._fail(R_CHUNK_DATA_CRLF)
                 if pos + 1 >= end:
-                    return NEED_DATA, pos, pos
+                    out_a[0] = pos
+                    out_b[0] = pos
+                    return C_NEED_DATA
                 if b[pos + 1] != 10:
                     self._fail(R_CHUNK_DATA_CRLF)
                 pos += 2
@@ -1340,7 +1331,9 @@ cdef class ChunkedReader:
                 if lf == NULL:
                     if end >= lim:
                         self._fail(R_CHUNK_LINE_TOO_LONG)
-                    return NEED_DATA, pos, pos
+                    out_a[0] = pos
+                    out_b[0] = pos
+                    return C_NEED_DATA
                 j = lf - b
                 if j == pos or b[j - 1] != 13:
                     self._fail(R_BARE_LF)
@@ -1364,14 +1357,18 @@ cdef class ChunkedReader:
                 if lf == NULL:
                     if end >= lim:
                         self._fail(R_TRAILERS_TOO_LARGE)
-                    return NEED_DATA, pos, pos
+                    out_a[0] = pos
+                    out_b[0] = pos
+                    return C_NEED_DATA
                 j = lf - b
                 if j == pos or b[j - 1] != 13:
                     self._fail(R_BARE_LF)
                 q = j - 1
                 if q == pos:
                     self._state = S_DONE
-                    return DONE, j + 1, j + 1
+                    out_a[0] = j + 1
+                    out_b[0] = j + 1
+                    return C_DONE
                 if self._trailers == C_MAX_HEADERS:
                     self._fail(R_TOO_MANY_TRAILERS)
                 try:
@@ -1383,9 +1380,11 @@ cdef class ChunkedReader:
                 self._trailer_bytes += j + 1 - pos
                 pos = j + 1
             elif self._state == S_DONE:
-                return DONE, pos, pos
+                out_a[0] = pos
+                out_b[0] = pos
+                return C_DONE
             else:
-                raise ProtocolError(R_CHUNKED_FAILED, 400)
+                _raise(R_CHUNKED_FAILED, 400)
 
 
 cdef int _check_field(const unsigned char* b, Py_ssize_t p, Py_ssize_t q) except -1:

@@ -20,17 +20,8 @@ cdef enum:
 cdef class PoolBook:
     """Per-cluster pool bookkeeping with C counters and per-endpoint idle stacks."""
 
-    # The layout lives here, not in ext/pool.pxd: setup.py names the module meshcore._ext.pool,
-    # so Cython would look for ext/meshcore._ext.pool.pxd and silently ignore ext/pool.pxd.
-    cdef Py_ssize_t _n
-    cdef Py_ssize_t _max_idle
-    cdef list _conns              # per endpoint: a list used as the LIFO stack of idle connections
-    cdef list _to_close           # expired connections waiting for pop_to_close()
-    cdef double **_stamps         # per endpoint: returned_at of each stacked connection (lazy)
-    cdef Py_ssize_t *_stamp_cap   # allocated length of each _stamps[ep]
-    cdef Py_ssize_t *_cx          # open connections (idle included)
-    cdef Py_ssize_t *_rq          # active requests
-    cdef Py_ssize_t _count_errors
+    # The layout and the C-callable methods are declared in ext/meshcore/_ext/pool.pxd, so the
+    # event loop (ext/loop.pyx) uses this very book for its upstream pools.
 
     def __cinit__(self, Py_ssize_t n_endpoints, Py_ssize_t max_idle_per_endpoint=64):
         cdef Py_ssize_t k, size
@@ -193,6 +184,24 @@ cdef class PoolBook:
                 self._count_errors += size - self._cx[i]
                 self._cx[i] = 0
         return out
+
+    cpdef bint remove_idle(self, object ep, object conn) except -1:
+        """Take one specific idle connection out of `ep`'s stack (it turned unusable while
+        pooled); un-counted from cx_active. False (book unchanged) when it is not pooled."""
+        cdef Py_ssize_t i = self._index(ep)
+        cdef list conns = self._conns[i]
+        cdef Py_ssize_t k = PyList_GET_SIZE(conns)
+        cdef double *st = self._stamps[i]
+        cdef Py_ssize_t j
+        while k > 0:
+            k -= 1
+            if conns[k] is conn:
+                del conns[k]
+                for j in range(k, PyList_GET_SIZE(conns)):
+                    st[j] = st[j + 1]
+                self._dec_cx(i)
+                return True
+        return False
 
     # --- counters -------------------------------------------------------------------------------
 

@@ -83,8 +83,16 @@ def cmd_check(paths) -> int:
 
 
 def cmd_run(args) -> int:
+    from meshcore import _accel
     from meshcore.admin import is_loopback
     from meshcore.supervisor import Supervisor
+    if _accel.load("loop") is None:
+        why = ("MESHCORE_NO_EXTENSIONS is set" if _accel.DISABLED
+               else "the compiled extensions are not built")
+        print(f"meshcore: the data path is the compiled event loop (meshcore._ext.loop), and "
+              f"{why}; build them with `bash scripts/bootstrap.sh` (or `pip install -e .`) and "
+              "unset MESHCORE_NO_EXTENSIONS", file=sys.stderr)
+        return 2
     if not is_loopback(args.admin[0]) and not args.admin_unsafe:
         print(f"meshcore: refusing admin address {args.admin[0]}: not loopback "
               "(pass --admin-unsafe to allow)", file=sys.stderr)

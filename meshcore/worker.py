@@ -1,5 +1,11 @@
 """Worker process: its own SO_REUSEPORT listener, one trio run, config pushed by the supervisor.
 
+The data path is the C event loop of meshcore._ext.loop (one per worker), driven by a single trio
+task (`drive`): it waits for the loop's epoll fd to become readable, then lets the loop handle
+what is ready in a bounded batch, so trio's other tasks (control channel, housekeeping, capture
+flushers) stay responsive. The loop's timers sit in a timerfd inside its epoll set, so a deadline
+wakes the same task.
+
 Control messages arrive over a multiprocessing pipe as (verb, payload) tuples:
   ("config", (snapshot, slots))  swap in a Snapshot the supervisor compiled and validated;
                                  `slots` maps its clusters to shared-memory rows
@@ -12,17 +18,15 @@ from __future__ import annotations
 import os
 import signal
 import sys
-import time
 
 import trio
 
-from meshcore.accesslog import AccessLog
-from meshcore.io.proxy import WorkerContext, serve_connection
 from meshcore.io.sockets import reuseport_listener
 from meshcore.shm.segment import Segment
 
 IDLE_SWEEP_INTERVAL = 5.0
 LOG_FLUSH_INTERVAL = 0.2
+MAX_EVENTS = 256  # sockets handled per batch before trio's other tasks get a turn
 
 
 def worker_main(conn, index: int, segment_name: str, listen: tuple[str, int], snapshot,
@@ -31,80 +35,73 @@ def worker_main(conn, index: int, segment_name: str, listen: tuple[str, int], sn
     # The supervisor owns signals: Ctrl-C on a terminal reaches the whole process group.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    from meshcore.io.dataplane import Dataplane
     segment = Segment.attach(segment_name)
     listener = reuseport_listener(*listen)
-    access_log = AccessLog(1) if options.get("access_log", True) else None
-    ctx = WorkerContext(snapshot, slots, segment, index, access_log,
-                        use_remote_address=options.get("use_remote_address", False),
-                        header_timeout=options.get("request_headers_timeout", 10.0))
+    dp = Dataplane(snapshot, slots, segment, index,
+                   access_log=options.get("access_log", True),
+                   use_remote_address=options.get("use_remote_address", False),
+                   header_timeout=options.get("request_headers_timeout", 10.0),
+                   max_events=MAX_EVENTS)
+    dp.loop.add_listener(listener)
+    listener.close()
     profile_to = os.environ.get("MESHCORE_PROFILE")  # developer aid: cProfile one worker
     try:
         if profile_to:
             import cProfile
-            cProfile.runctx("trio.run(_serve, ctx, listener, conn)", globals(), locals(),
+            cProfile.runctx("trio.run(serve, dp, conn)", globals(), locals(),
                             f"{profile_to}.{os.getpid()}")
         else:
-            trio.run(_serve, ctx, listener, conn)
+            trio.run(serve, dp, conn)
     except KeyboardInterrupt:
         pass
     finally:
-        if access_log is not None:
-            access_log.flush()
+        dp.close()
 
 
-async def _serve(ctx: WorkerContext, listener, conn) -> None:
+async def serve(dp, conn) -> None:
     async with trio.open_nursery() as nursery:
-        stop_accepting = trio.CancelScope()
-        nursery.start_soon(_accept_loop, ctx, listener, nursery, stop_accepting)
-        nursery.start_soon(_housekeeping, ctx)
-        nursery.start_soon(ctx.mirror.run)
+        dp.spawn = nursery.start_soon
+        nursery.start_soon(drive, dp.loop)
+        nursery.start_soon(housekeeping, dp)
         conn.send(("ready", os.getpid()))
-        grace = await _control_loop(ctx, conn)
+        grace = await control_loop(dp, conn)
         # Drain: stop accepting, let keep-alive connections finish their current request.
-        stop_accepting.cancel()
-        listener.close()
-        ctx.drain()
+        dp.drain()
+        loop = dp.loop
         with trio.move_on_after(grace):
-            while ctx.connections:
+            while loop.connections or loop.shadows_in_flight:
                 await trio.sleep(0.02)
-        if ctx.access_log is not None:
-            ctx.access_log.flush()
+        loop.flush_log()
         nursery.cancel_scope.cancel()
 
 
-async def _accept_loop(ctx, listener, nursery, scope) -> None:
-    with scope:
-        while True:
-            try:
-                sock, _ = listener.accept()
-            except BlockingIOError:
-                await trio.lowlevel.wait_readable(listener)
-                continue
-            except OSError as exc:
-                # EMFILE/ENFILE/ENOBUFS/ENOMEM mean overload: back off instead of spinning.
-                print(f"meshcore worker {os.getpid()}: accept failed: {exc}", file=sys.stderr)
-                await trio.sleep(0.1)
-                continue
-            sock.setblocking(False)
-            sock.setsockopt(6, 1, 1)  # TCP_NODELAY
-            nursery.start_soon(serve_connection, ctx, sock)
+async def drive(loop) -> None:
+    """Run the C event loop under trio: wait for readiness, then one bounded batch at a time."""
+    fd = loop.fileno()
+    run_once = loop.run_once
+    wait_readable = trio.lowlevel.wait_readable
+    checkpoint = trio.lowlevel.checkpoint
+    while True:
+        if run_once() >= MAX_EVENTS:
+            await checkpoint()  # more is ready: let trio's other tasks run first
+        else:
+            await wait_readable(fd)
 
 
-async def _housekeeping(ctx) -> None:
-    """Flush the access log often, sweep expired idle upstream connections now and then."""
+async def housekeeping(dp) -> None:
+    """Flush the access log often, sweep idle connections now and then."""
     ticks_per_sweep = int(IDLE_SWEEP_INTERVAL / LOG_FLUSH_INTERVAL)
     tick = 0
     while True:
         await trio.sleep(LOG_FLUSH_INTERVAL)
-        if ctx.access_log is not None:
-            ctx.access_log.flush()
+        dp.loop.flush_log()
         tick += 1
         if tick % ticks_per_sweep == 0:
-            ctx.sweep_idle()
-            ctx.close_idle_downstream(time.monotonic())
+            dp.sweep()
 
 
-async def _control_loop(ctx, conn) -> float:
+async def control_loop(dp, conn) -> float:
     """Apply config pushes until told to drain; returns the drain grace period."""
     while True:
         await trio.lowlevel.wait_readable(conn.fileno())
@@ -114,7 +111,13 @@ async def _control_loop(ctx, conn) -> float:
             return 1.0
         if verb == "config":
             snapshot, slots = payload
-            ctx.install(snapshot, slots)
+            try:
+                dp.install(snapshot, slots)
+            except Exception as exc:  # keep serving the running config
+                conn.send(("error", f"{type(exc).__name__}: {exc}"))
+                print(f"meshcore worker {os.getpid()}: config not installed: {exc}",
+                      file=sys.stderr)
+                continue
             conn.send(("loaded", snapshot.generation))
         elif verb == "drain":
             return float(payload)

@@ -8,4 +8,4 @@ if [ ! -x .venv/bin/python ]; then
   "$PYTHON" -m venv .venv
 fi
 .venv/bin/python -m pip install -q --disable-pip-version-check -e ".[test,bench]"
-.venv/bin/python -c "import meshcore._accel as a, sys; missing=[m for m in ('h1parse','pool','shmatomic','ring') if a.load(m) is None]; sys.exit('meshcore: extensions not built: %s' % missing if missing else 0)"
+.venv/bin/python -c "import meshcore._accel as a, sys; missing=[m for m in ('h1parse','h1conn','pool','shmatomic','ring','loop') if a.load(m) is None]; sys.exit('meshcore: extensions not built: %s' % missing if missing else 0)"

@@ -26,6 +26,13 @@ OVERFLOW                    503     UO     0 (none)      yes           overflow 
 PROTOCOL_ERROR              502     UPE    503           yes           protocol error
 ==========================  ======  =====  ============  ============  ===========================
 
+The table is `FAILURES` below; every consumer reads its columns through the `Outcome`:
+`stat` (the worker stats row counter an attempt with this outcome increments, -1 for none),
+`outlier` (the meshcore.upstream.outcome value reported to outlier detection, None for none) and
+`reply` (the Envoy local reply a final failure is answered with). Responses carry their status
+class counter and their outlier value too, so stats, outlier detection, retries and local
+replies all read one row per outcome.
+
 * `status` is the local reply status the failure produces when it is final (§9).
 * `outlier_code` is the HTTP code Envoy's outlier detector sees in its default (non-split) mode:
   every upstream reset is reported as `LocalOriginConnectFailed` (503), a timeout as
@@ -43,10 +50,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import IntEnum
+from typing import NamedTuple, Optional
+
+from meshcore import local_reply as lr
+from meshcore.shm.layout import W_INDEX
+from meshcore.upstream.outcome import Outcome as OutlierOutcome, outcome_for_status
 
 __all__ = [
     "Kind",
     "Outcome",
+    "FailureRow",
+    "FAILURES",
     "classify",
     "classify_response",
     "classify_failure",
@@ -80,6 +94,9 @@ class Outcome:
     request_bytes_sent: bool
     reused_connection: bool = False
     response_bytes_received: bool = False
+    stat: int = -1  # worker stats row counter (meshcore.shm.layout W_* index); -1 = none
+    outlier: Optional[OutlierOutcome] = None  # what outlier detection sees; None = not reported
+    reply: Optional[lr.LocalReply] = None  # local reply of a final failure; None for responses
 
     @property
     def is_response(self) -> bool:
@@ -107,20 +124,42 @@ class Outcome:
 _MAX_STATUS = 999  # the head parser accepts three-digit status codes only
 
 
+_STATUS_CLASS_STAT = {c: W_INDEX[f"upstream_rq_{c}xx"] for c in range(1, 6)}
+
+
 def _response(status: int) -> Outcome:
-    return Outcome(Kind.RESPONSE, status, "", status, False, True)
+    return Outcome(Kind.RESPONSE, status, "", status, False, True,
+                   stat=_STATUS_CLASS_STAT.get(status // 100, -1),
+                   outlier=outcome_for_status(status))
 
 
 _RESPONSES: list = [None] * 100 + [_response(s) for s in range(100, _MAX_STATUS + 1)]
 
-# kind -> (status, flag, outlier_code)
-_FAILURE_SHAPE = {
-    Kind.CONNECT_FAILURE: (503, "UF", 503),
-    Kind.CONNECT_TIMEOUT: (503, "UF", 503),
-    Kind.RESET_BEFORE_RESPONSE: (503, "UC", 503),
-    Kind.PER_TRY_TIMEOUT: (504, "UT", 504),
-    Kind.OVERFLOW: (503, "UO", 0),
-    Kind.PROTOCOL_ERROR: (502, "UPE", 503),
+
+class FailureRow(NamedTuple):
+    status: int  # local reply status when final
+    flag: str  # Envoy response flag
+    outlier_code: int  # code outlier detection sees in non-split mode (0: not reported)
+    outlier: Optional[OutlierOutcome]  # the outlier detector's input (None: not reported)
+    stat: Optional[str]  # Envoy cluster counter of one attempt ending so (None: none here)
+    reply: lr.LocalReply  # Envoy's local reply when the failure is final
+
+
+# The one table of failure outcomes (semantics.md §3.2, §4.1-4.2, §9).
+FAILURES = {
+    Kind.CONNECT_FAILURE: FailureRow(503, "UF", 503, OutlierOutcome.CONNECT_FAILURE,
+                                     "upstream_cx_connect_fail", lr.CONNECT_FAILURE),
+    Kind.CONNECT_TIMEOUT: FailureRow(503, "UF", 503, OutlierOutcome.CONNECT_FAILURE,
+                                     "upstream_cx_connect_timeout", lr.CONNECT_TIMEOUT),
+    Kind.RESET_BEFORE_RESPONSE: FailureRow(503, "UC", 503, OutlierOutcome.RESET,
+                                           "upstream_rq_rx_reset", lr.CONNECTION_TERMINATION),
+    Kind.PER_TRY_TIMEOUT: FailureRow(504, "UT", 504, OutlierOutcome.TIMEOUT,
+                                     "upstream_rq_per_try_timeout", lr.PER_TRY_TIMEOUT),
+    # the breaker refused: not the host's fault, Envoy reports nothing to outlier detection; the
+    # overflow counters are counted where the breaker refused
+    Kind.OVERFLOW: FailureRow(503, "UO", 0, None, None, lr.OVERFLOW),
+    Kind.PROTOCOL_ERROR: FailureRow(502, "UPE", 503, OutlierOutcome.RESET, None,
+                                    lr.UPSTREAM_PROTOCOL_ERROR),
 }
 _NEVER_SENT = (Kind.CONNECT_FAILURE, Kind.CONNECT_TIMEOUT, Kind.OVERFLOW)
 
@@ -130,7 +169,8 @@ def _failure_index(kind: int, sent: bool, reused: bool, got: bool) -> int:
 
 
 _FAILURES: list = [None] * (8 * (max(Kind) + 1))
-for _kind, (_status, _flag, _code) in _FAILURE_SHAPE.items():
+for _kind, _row in FAILURES.items():
+    _status, _flag, _code = _row.status, _row.flag, _row.outlier_code
     for _sent in (False, True):
         for _reused in (False, True):
             for _got in (False, True):
@@ -143,8 +183,10 @@ for _kind, (_status, _flag, _code) in _FAILURE_SHAPE.items():
                 # Canonicalise: one object per distinct field set, so `is` comparisons work.
                 _FAILURES[_failure_index(_kind, _sent, _reused, _got)] = (
                     _FAILURES[_failure_index(_kind, sent_, reused_, got_)]
-                    or Outcome(_kind, _status, _flag, _code, True, sent_, reused_, got_))
-del _kind, _status, _flag, _code, _sent, _reused, _got
+                    or Outcome(_kind, _status, _flag, _code, True, sent_, reused_, got_,
+                               stat=W_INDEX[_row.stat] if _row.stat else -1,
+                               outlier=_row.outlier, reply=_row.reply))
+del _kind, _row, _status, _flag, _code, _sent, _reused, _got
 
 
 # ---------------------------------------------------------------------------------------------

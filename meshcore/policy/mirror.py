@@ -56,6 +56,10 @@ __all__ = [
     "parse_size",
     "should_mirror",
     "shadow_authority",
+    "INTERNAL_LINE",
+    "head_authority",
+    "shadow_head",
+    "mirror_head",
 ]
 
 HUNDRED = 100
@@ -322,3 +326,83 @@ def mirror_policies_from_istio(route, annotations: Optional[Mapping[str, str]] =
         if dst is not None:
             policies.append(MirrorPolicy(numerator=numerator, denominator=MILLION, **dst))
     return tuple(policies), warnings
+
+
+# ------------------------------------------------------------------------------------------------
+# the copy's head
+
+INTERNAL_LINE = b"x-envoy-internal: true\r\n"
+
+
+def _find_header_line(head: bytes, name: bytes, start: int):
+    """(line start, line end excl. CRLF) of the first `name:` field line after `start`, or None.
+    Header names in heads the proxy builds are lowercase; compared case-insensitively anyway."""
+    pos = start
+    n = len(head)
+    lname = len(name)
+    while pos < n:
+        end = head.find(b"\r\n", pos)
+        if end < 0:
+            end = n
+        if end == pos:  # the empty line: end of the head
+            return None
+        if head[pos + lname:pos + lname + 1] == b":" and head[pos:pos + lname].lower() == name:
+            return pos, end
+        pos = end + 2
+    return None
+
+
+def head_authority(head: bytes) -> Optional[bytes]:
+    """The `host` value of a serialised request head (the proxy writes it as the second line)."""
+    first = head.find(b"\r\n")
+    if first < 0:
+        return None
+    found = _find_header_line(head, b"host", first + 2)
+    if found is None:
+        return None
+    a, b = found
+    return head[a + 5:b].strip(b" \t")
+
+
+def shadow_head(upstream_head: bytes, authority: bytes) -> bytes:
+    """The mirror's copy of an upstream request head: `host: <authority>` and
+    `x-envoy-internal: true` (replacing any such line).
+
+    Accepts the header block `_upstream_head` builds (no empty line; the result has none either)
+    or a complete head ending in CRLF CRLF (the result is complete too). The host line is
+    expected second, as the proxy writes it; elsewhere it is found and replaced, and added after
+    the request line when absent.
+    """
+    first = upstream_head.find(b"\r\n")
+    if first < 0:
+        raise ValueError("not a request head")
+    start = first + 2
+    head = upstream_head
+    if head.startswith(b"host: ", start):
+        end = head.find(b"\r\n", start)
+        head = head[:start] + b"host: " + authority + head[end:]
+    else:
+        found = _find_header_line(head, b"host", start)
+        if found is None:
+            head = head[:start] + b"host: " + authority + b"\r\n" + head[start:]
+        else:
+            a, b = found
+            head = head[:a] + b"host: " + authority + head[b:]
+    while True:  # Envoy sets (overwrites) it; the app's own value must not survive
+        found = _find_header_line(head, b"x-envoy-internal", start)
+        if found is None:
+            break
+        a, b = found
+        head = head[:a] + head[b + 2:]
+    if head.endswith(b"\r\n\r\n"):
+        return head[:-2] + INTERNAL_LINE + b"\r\n"
+    return head + INTERNAL_LINE
+
+
+def mirror_head(policy, head: bytes) -> bytes:
+    """The head a mirror (or the capture sink) gets for `policy`: `shadow_head` with the head's
+    own host, `-shadow`-suffixed when `policy.shadow_suffix`."""
+    authority = head_authority(head) or b""
+    if policy.shadow_suffix:
+        authority = shadow_authority(authority)
+    return shadow_head(head, authority)

@@ -171,6 +171,7 @@ WORKER_CLUSTER_COUNTERS = (
     "upstream_rq_rx_reset",
     "upstream_rq_cancelled",
     "lb_healthy_panic",
+    "retry_or_shadow_abandoned",     # a retry (or mirror) dropped: body over the buffer limit
 )
 W_INDEX = {name: i for i, name in enumerate(WORKER_CLUSTER_COUNTERS)}
 WORKER_ROW_SIZE = -(-len(WORKER_CLUSTER_COUNTERS) * 8 // CACHE_LINE) * CACHE_LINE  # 256
@@ -204,6 +205,7 @@ W_UPSTREAM_RQ_TX_RESET = 25
 W_UPSTREAM_RQ_RX_RESET = 26
 W_UPSTREAM_RQ_CANCELLED = 27
 W_LB_HEALTHY_PANIC = 28
+W_RETRY_OR_SHADOW_ABANDONED = 29
 
 
 class LayoutError(ValueError):

@@ -8,7 +8,8 @@ Rules of this module:
     not 500..599              -> SUCCESS        (any non-5xx resets the 5xx and gateway counters)
     502, 503, 504             -> GATEWAY_ERROR  (counts as 5xx AND as gateway failure)
     any other 5xx             -> HTTP_5XX       (counts as 5xx, resets the gateway counter)
-* Locally originated failures (Envoy `Outlier::Result`) and Envoy's mapping (semantics §4.1-4.2):
+* Locally originated failures (Envoy `Outlier::Result`) and Envoy's mapping (semantics §4.1-4.2);
+  which attempt failure maps to which value is a column of meshcore.policy.classify.FAILURES:
     CONNECT_FAILURE  connect refused / unreachable / connect timeout   (LocalOriginConnectFailed)
     TIMEOUT          request or per-try timeout on a made connection   (LocalOriginTimeout)
     RESET            reset or closed before a complete response        (LocalOriginConnectFailed)
@@ -23,7 +24,7 @@ from __future__ import annotations
 
 from enum import IntEnum
 
-__all__ = ["Outcome", "outcome_for_status", "outcome_from_classified", "LOCAL_ORIGIN_FAILURES",
+__all__ = ["Outcome", "outcome_for_status", "LOCAL_ORIGIN_FAILURES",
            "is_local_origin"]
 
 
@@ -54,23 +55,3 @@ def outcome_for_status(status: int) -> Outcome:
 
 def is_local_origin(outcome: Outcome) -> bool:
     return outcome >= Outcome.CONNECT_FAILURE
-
-
-# meshcore.policy.classify.Kind names -> Outcome (None: not reported to outlier detection).
-# Matched by name so this module does not import the classifier.
-_BY_KIND_NAME = {
-    "CONNECT_FAILURE": Outcome.CONNECT_FAILURE,
-    "CONNECT_TIMEOUT": Outcome.CONNECT_FAILURE,
-    "RESET_BEFORE_RESPONSE": Outcome.RESET,
-    "PROTOCOL_ERROR": Outcome.RESET,
-    "PER_TRY_TIMEOUT": Outcome.TIMEOUT,
-    "OVERFLOW": None,  # the breaker refused: not the host's fault, Envoy reports nothing
-}
-
-
-def outcome_from_classified(classified) -> Outcome | None:
-    """Bridge from a `meshcore.policy.classify.Outcome` (duck-typed: `.kind`, `.status`)."""
-    kind = classified.kind
-    if kind.name == "RESPONSE":
-        return outcome_for_status(classified.status)
-    return _BY_KIND_NAME[kind.name]

@@ -152,6 +152,21 @@ class PoolBookPy:
                 self._stamps[ep].clear()
         return out
 
+    def remove_idle(self, ep, conn) -> bool:
+        """Take one specific idle connection out of `ep`'s stack (it turned unusable while
+        pooled: the peer closed it). Un-counts it from cx_active like the other removals.
+        False (book unchanged) when it is not pooled."""
+        if not 0 <= ep < self._n:
+            raise self._bad(ep)
+        conns = self._conns[ep]
+        for k in range(len(conns) - 1, -1, -1):
+            if conns[k] is conn:
+                del conns[k]
+                del self._stamps[ep][k]
+                self._dec_cx(ep)
+                return True
+        return False
+
     # --- counters -------------------------------------------------------------------------------
 
     def _dec_cx(self, ep):

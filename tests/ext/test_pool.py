@@ -217,6 +217,24 @@ def test_drain_all(Book):
     assert b.statistics()["count_errors"] == 0
 
 
+def test_remove_idle(Book):
+    b = Book(2)
+    x, y, z = object(), object(), object()
+    for conn, when in [(x, 1.0), (y, 2.0), (z, 3.0)]:
+        b.on_open(0)
+        b.put_idle(0, conn, when)
+    assert b.remove_idle(0, y) is True
+    assert b.cx_active(0) == 2 and b.idle_count(0) == 2
+    assert b.remove_idle(0, y) is False  # no longer pooled: nothing changes
+    assert b.remove_idle(1, x) is False
+    assert b.cx_active(0) == 2
+    # the others keep their order and their returned_at stamps: z is fresh, x expired
+    assert b.take_idle(0, 5.5, 3.0) is z
+    assert b.take_idle(0, 5.5, 3.0) is None
+    assert b.pop_to_close() == [x]
+    assert b.statistics()["count_errors"] == 0
+
+
 def test_statistics(Book):
     b = Book(2, 8)
     b.on_open(0)

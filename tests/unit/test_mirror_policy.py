@@ -5,7 +5,7 @@ import msgspec
 import pytest
 
 from meshcore.config import istio
-from meshcore.io.mirror import head_authority, shadow_head
+from meshcore.policy.mirror import head_authority, shadow_head
 from meshcore.policy.mirror import (CAPTURE_HOST, DEFAULT_CAPTURE_FILE, HUNDRED, MILLION,
                                     CaptureSettings, MirrorPolicy, mirror_policies_from_istio,
                                     parse_size, shadow_authority, should_mirror)

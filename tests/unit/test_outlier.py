@@ -16,7 +16,6 @@ from meshcore.upstream.outcome import (
     Outcome,
     is_local_origin,
     outcome_for_status,
-    outcome_from_classified,
 )
 from meshcore.upstream.outlier import (
     DISABLED,
@@ -90,17 +89,17 @@ def test_outcome_for_status():
     assert [is_local_origin(o) for o in Outcome] == [False, False, False, True, True, True]
 
 
-def test_outcome_from_classified():
+def test_classifier_outlier_column():
     from meshcore.policy import classify as cl
-    assert outcome_from_classified(cl.classify(200)) is S
-    assert outcome_from_classified(cl.classify(503)) is GW
-    assert outcome_from_classified(cl.classify(500)) is E5
-    assert outcome_from_classified(cl.classify(cl.Kind.CONNECT_FAILURE)) is CF
-    assert outcome_from_classified(cl.classify(cl.Kind.CONNECT_TIMEOUT)) is CF
-    assert outcome_from_classified(cl.classify(cl.Kind.RESET_BEFORE_RESPONSE)) is RS
-    assert outcome_from_classified(cl.classify(cl.Kind.PROTOCOL_ERROR)) is RS
-    assert outcome_from_classified(cl.classify(cl.Kind.PER_TRY_TIMEOUT)) is TO
-    assert outcome_from_classified(cl.classify(cl.Kind.OVERFLOW)) is None
+    assert cl.classify(200).outlier is S
+    assert cl.classify(503).outlier is GW
+    assert cl.classify(500).outlier is E5
+    assert cl.classify(cl.Kind.CONNECT_FAILURE).outlier is CF
+    assert cl.classify(cl.Kind.CONNECT_TIMEOUT).outlier is CF
+    assert cl.classify(cl.Kind.RESET_BEFORE_RESPONSE).outlier is RS
+    assert cl.classify(cl.Kind.PROTOCOL_ERROR).outlier is RS
+    assert cl.classify(cl.Kind.PER_TRY_TIMEOUT).outlier is TO
+    assert cl.classify(cl.Kind.OVERFLOW).outlier is None
 
 
 # ------------------------------------------------------------------------------------------------

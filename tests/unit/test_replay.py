@@ -10,10 +10,9 @@ import time
 
 import orjson
 import pytest
-import trio
 
-from meshcore.io.mirror import Mirror, mirror_head
-from meshcore.policy.mirror import CaptureSettings, MirrorPolicy
+from meshcore.capture import CaptureSink
+from meshcore.policy.mirror import CaptureSettings, MirrorPolicy, mirror_head
 from meshcore.proto.wire import DATA, DONE, BODY_CHUNKED, ChunkedReader, parse_request, request_body_kind
 from meshcore.replay import build_request, main
 
@@ -134,22 +133,17 @@ def server():
 
 
 def capture_through_mirror(path, requests, **settings):
-    """Run the real Mirror with a capture policy; returns what a network mirror would get."""
+    """Capture as the data path does (meshcore.io.dataplane: the mirror's head into a
+    CaptureSink); returns what a network mirror would get."""
     policy = MirrorPolicy(host="capture.meshcore.local",
                           capture=CaptureSettings(path=path, **settings))
+    c = policy.capture
+    sink = CaptureSink(c.path, c.max_bytes, c.body_limit, c.keep)
     expected = []
-
-    async def go():
-        async with trio.open_nursery() as nursery:
-            mirror = Mirror()
-            nursery.start_soon(mirror.run)
-            await trio.sleep(0)
-            for head, pieces in requests:
-                assert mirror.submit(policy, head, pieces, None)
-                expected.append(mirror_head(policy, head) + b"".join(pieces or ()))
-            nursery.cancel_scope.cancel()  # the sink flushes on shutdown
-
-    trio.run(go)
+    for head, pieces in requests:
+        assert sink.add(mirror_head(policy, head), pieces)
+        expected.append(mirror_head(policy, head) + b"".join(pieces or ()))
+    sink.close()  # flushes what is pending
     return expected
 
 

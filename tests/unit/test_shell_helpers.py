@@ -76,8 +76,9 @@ def test_parse_hostport_rejects(text):
 
 
 def test_request_id_is_uuid4():
-    from meshcore.io.proxy import _new_request_id
-    ids = {_new_request_id() for _ in range(1000)}
+    from meshcore._ext.loop import Loop
+    loop = Loop(None)
+    ids = {loop.make_request_id() for _ in range(1000)}
     assert len(ids) == 1000
     for rid in list(ids)[:50]:
         assert re.fullmatch(rb"[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}", rid)

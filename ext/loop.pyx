@@ -1,0 +1,2538 @@
+# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True, initializedcheck=False
+"""The worker's data path: one epoll event loop in C, driven by a single trio task.
+
+What lives here (issue 8; architecture.md "Request flow"): accepting, reading, parsing (through
+the sans-IO connection objects of ext/h1conn.pyx), the upstream pools (ext/pool.pyx PoolBook),
+connecting, sending, relaying bodies with backpressure, timers, circuit breakers and counters in
+shared memory, and the access log. What does not: routing and policy. Per request the loop calls
+one Python function, `policy.decide(stream)`, which picks route, cluster and endpoint through the
+sans-IO policy modules and hands back compiled handles (RouteHandle, ClusterHandle). An attempt
+that ends in anything but a response the route could never retry goes back to Python once,
+`policy.on_outcome(stream, kind, status)`, which runs the one retry/outlier/stats classifier
+(meshcore.policy.classify) and answers RELAY, RETRY or REPLY.
+
+Rules of this module:
+
+* Level-triggered epoll, one registration per socket, interest changed only when it changes
+  ("registered" is kept apart from "events wanted"). An idle pooled upstream connection stays
+  registered for reading: if it becomes readable the peer closed or poisoned it, and it is
+  dropped before anyone reuses it.
+* The loop never blocks: `run_once` handles at most `max_events` ready sockets and the expired
+  timers, then returns to trio; a timerfd in the epoll set wakes trio for the next deadline.
+* Every object the kernel or a timer may call back is kept alive by a reference the loop holds
+  while it is registered or armed (INCREF on register/arm, DECREF on unregister/disarm).
+* An exception escaping the handling of one socket costs that connection (a 500 when nothing was
+  answered yet), never the loop: it is caught in `run_once`, reported (a few per minute), and
+  the connection is closed.
+* Work that must not run inside another object's callback (the next pipelined request of a
+  connection whose response just ended) is deferred to the end of the current pass.
+* Counters: per-worker stats rows in shared memory are single-writer (this process), so a plain
+  add suffices; breaker gauges shared by all workers use the same compare-and-swap rules as
+  meshcore.upstream.breaker. Stat indexes come from meshcore.shm.layout at import.
+"""
+
+cimport cython
+from cpython.bytes cimport (PyBytes_FromStringAndSize, PyBytes_AS_STRING, PyBytes_GET_SIZE,
+                            PyBytes_Check)
+from cpython.buffer cimport PyObject_GetBuffer, PyBuffer_Release, PyBUF_WRITABLE, PyBUF_SIMPLE
+from cpython.ref cimport Py_INCREF, Py_DECREF, PyObject
+from cpython.unicode cimport PyUnicode_AsUTF8AndSize
+from libc.stdint cimport uint8_t, uint32_t, int32_t, uint64_t, int64_t
+from libc.stdlib cimport malloc, realloc, free
+from libc.string cimport memcpy, memset, memcmp, strlen
+from libc.errno cimport errno, EAGAIN, EINTR, EINPROGRESS, EMFILE, ENFILE, ENOBUFS, ENOMEM
+from posix.unistd cimport close as c_close, read as c_read, write as c_write
+from posix.time cimport timespec, clock_gettime, CLOCK_MONOTONIC, CLOCK_REALTIME
+
+from meshcore._ext.cbuf cimport (Buf, buf_len, buf_ptr, buf_append, buf_consume, buf_clear,
+                                 buf_free, buf_shrink, buf_append_hex, buf_append_dec, buf_reserve)
+from meshcore._ext.h1parse cimport (RequestHead, ResponseHead, C_BODY_NONE, C_BODY_LENGTH,
+                                    C_BODY_CHUNKED, C_BODY_CLOSE)
+from meshcore._ext.h1conn cimport (ServerConn, ClientConn, EV_NEED_DATA, EV_HEAD, EV_DATA, EV_END,
+                                   EV_PAUSED, EV_EOF, EV_ERROR, EV_INFORMATIONAL, EV_UPGRADE,
+                                   R_DONE, R_BODY, R_HEAD, W_IDLE, W_DONE)
+from meshcore._ext.pool cimport PoolBook
+
+import os as _os
+import sys as _sys
+import socket as _socket
+import traceback as _traceback
+
+from meshcore import local_reply as _lr
+from meshcore.policy.classify import Kind as _Kind
+from meshcore.shm import layout as _layout
+
+# ------------------------------------------------------------------------------------------------
+# C declarations
+
+cdef extern from "<sys/epoll.h>" nogil:
+    ctypedef union epoll_data_t:
+        void* ptr
+        int fd
+        uint32_t u32
+        uint64_t u64
+    cdef struct epoll_event:
+        uint32_t events
+        epoll_data_t data
+    int epoll_create1(int flags)
+    int epoll_ctl(int epfd, int op, int fd, epoll_event* ev)
+    int epoll_wait(int epfd, epoll_event* events, int maxevents, int timeout)
+    enum:
+        EPOLLIN
+        EPOLLOUT
+        EPOLLERR
+        EPOLLHUP
+        EPOLLRDHUP
+        EPOLL_CTL_ADD
+        EPOLL_CTL_MOD
+        EPOLL_CTL_DEL
+        EPOLL_CLOEXEC
+
+cdef extern from "<sys/timerfd.h>" nogil:
+    cdef struct itimerspec:
+        timespec it_interval
+        timespec it_value
+    int timerfd_create(int clockid, int flags)
+    int timerfd_settime(int fd, int flags, const itimerspec* new_value, itimerspec* old_value)
+    enum:
+        TFD_NONBLOCK
+        TFD_CLOEXEC
+        TFD_TIMER_ABSTIME
+
+cdef extern from "<sys/socket.h>" nogil:
+    ctypedef unsigned int socklen_t
+    ctypedef unsigned short sa_family_t
+    cdef struct sockaddr:
+        sa_family_t sa_family
+    cdef struct sockaddr_storage:
+        sa_family_t ss_family
+    int c_socket "socket"(int domain, int type, int protocol)
+    int c_connect "connect"(int fd, const sockaddr* addr, socklen_t len)
+    int accept4(int fd, sockaddr* addr, socklen_t* len, int flags)
+    ssize_t recv(int fd, void* buf, size_t n, int flags)
+    ssize_t send(int fd, const void* buf, size_t n, int flags)
+    int setsockopt(int fd, int level, int name, const void* val, socklen_t len)
+    int getsockopt(int fd, int level, int name, void* val, socklen_t* len)
+    int getsockname(int fd, sockaddr* addr, socklen_t* len)
+    int c_shutdown "shutdown"(int fd, int how)
+    enum:
+        AF_INET
+        AF_INET6
+        SOCK_STREAM
+        SOCK_NONBLOCK
+        SOCK_CLOEXEC
+        SOL_SOCKET
+        SO_ERROR
+        MSG_NOSIGNAL
+        MSG_DONTWAIT
+        SHUT_WR
+
+cdef extern from "<netinet/in.h>" nogil:
+    cdef struct in_addr:
+        uint32_t s_addr
+    cdef struct in6_addr:
+        unsigned char s6_addr[16]
+    cdef struct sockaddr_in:
+        sa_family_t sin_family
+        unsigned short sin_port
+        in_addr sin_addr
+    cdef struct sockaddr_in6:
+        sa_family_t sin6_family
+        unsigned short sin6_port
+        in6_addr sin6_addr
+    unsigned short ntohs(unsigned short)
+    unsigned short htons(unsigned short)
+    enum:
+        IPPROTO_TCP
+
+cdef extern from "<netinet/tcp.h>" nogil:
+    enum:
+        TCP_NODELAY
+
+cdef extern from "<arpa/inet.h>" nogil:
+    const char* inet_ntop(int af, const void* src, char* dst, socklen_t size)
+    int inet_pton(int af, const char* src, void* dst)
+
+cdef extern from "<time.h>" nogil:
+    cdef struct tm:
+        int tm_sec
+        int tm_min
+        int tm_hour
+        int tm_mday
+        int tm_mon
+        int tm_year
+    tm* gmtime_r(const long* timep, tm* result)
+
+cdef extern from *:
+    """
+    #include <stdint.h>
+    static inline uint32_t mc_load32(const void* p) {
+        return __atomic_load_n((const uint32_t*)p, __ATOMIC_SEQ_CST); }
+    static inline uint32_t mc_add32(void* p, int32_t v) {
+        return __atomic_fetch_add((uint32_t*)p, (uint32_t)v, __ATOMIC_SEQ_CST); }
+    static inline int mc_cas32(void* p, uint32_t expect, uint32_t want) {
+        return __atomic_compare_exchange_n((uint32_t*)p, &expect, want, 0, __ATOMIC_SEQ_CST,
+                                           __ATOMIC_SEQ_CST); }
+    static inline uint64_t mc_load64(const void* p) {
+        return __atomic_load_n((const uint64_t*)p, __ATOMIC_SEQ_CST); }
+    static inline void mc_store64(void* p, uint64_t v) {
+        __atomic_store_n((uint64_t*)p, v, __ATOMIC_SEQ_CST); }
+    static inline void mc_store32(void* p, uint32_t v) {
+        __atomic_store_n((uint32_t*)p, v, __ATOMIC_SEQ_CST); }
+    """
+    uint32_t mc_load32(const void* p) nogil
+    uint32_t mc_add32(void* p, int32_t v) nogil
+    bint mc_cas32(void* p, uint32_t expect, uint32_t want) nogil
+    uint64_t mc_load64(const void* p) nogil
+    void mc_store64(void* p, uint64_t v) nogil
+    void mc_store32(void* p, uint32_t v) nogil
+
+# ------------------------------------------------------------------------------------------------
+# constants
+
+cdef enum:
+    SCRATCH = 131072            # one recv's worth; what is left unconsumed is retained per conn
+    MAX_ACCEPT = 64             # accepts per readiness event (fairness between listener and conns)
+    HIGH_WATER = 262144         # pause the producer when a peer's unsent bytes pass this
+    LOW_WATER = 65536           # ...and resume it below this
+    BODY_BUFFER_LIMIT = 1048576  # request body held while no upstream can take it (and for replay)
+    LOG_FLUSH_AT = 65536        # access log bytes buffered before a write
+
+cdef uint32_t UNLIMITED = 4294967295u
+
+# Stat indexes of a worker stats row, from the one declaration in meshcore.shm.layout.
+cdef int W_CX_TOTAL = _layout.W_INDEX["upstream_cx_total"]
+cdef int W_CX_CONNECT_FAIL = _layout.W_INDEX["upstream_cx_connect_fail"]
+cdef int W_CX_CONNECT_TIMEOUT = _layout.W_INDEX["upstream_cx_connect_timeout"]
+cdef int W_CX_OVERFLOW = _layout.W_INDEX["upstream_cx_overflow"]
+cdef int W_CX_RX_BYTES = _layout.W_INDEX["upstream_cx_rx_bytes_total"]
+cdef int W_CX_TX_BYTES = _layout.W_INDEX["upstream_cx_tx_bytes_total"]
+cdef int W_RQ_TOTAL = _layout.W_INDEX["upstream_rq_total"]
+cdef int W_RQ_COMPLETED = _layout.W_INDEX["upstream_rq_completed"]
+cdef int W_RQ_1XX = _layout.W_INDEX["upstream_rq_1xx"]
+cdef int W_RQ_TIMEOUT = _layout.W_INDEX["upstream_rq_timeout"]
+cdef int W_RQ_PENDING_TOTAL = _layout.W_INDEX["upstream_rq_pending_total"]
+cdef int W_RQ_PENDING_OVERFLOW = _layout.W_INDEX["upstream_rq_pending_overflow"]
+cdef int W_RQ_ACTIVE_OVERFLOW = _layout.W_INDEX["upstream_rq_active_overflow"]
+cdef int W_RQ_RX_RESET = _layout.W_INDEX["upstream_rq_rx_reset"]
+cdef int W_RQ_CANCELLED = _layout.W_INDEX["upstream_rq_cancelled"]
+# Cluster row (breaker gauges shared by all workers) and host row offsets.
+cdef int C_CX_ACTIVE = _layout.C_CX_ACTIVE
+cdef int C_RQ_PENDING = _layout.C_RQ_PENDING
+cdef int C_RQ_ACTIVE = _layout.C_RQ_ACTIVE
+cdef int C_EJECTIONS_ACTIVE = _layout.C_EJECTIONS_ACTIVE
+cdef int H_PAIR = _layout.H_CONSECUTIVE_5XX  # the aligned (5xx, gateway) counter pair
+cdef int H_LOCAL_ORIGIN = _layout.H_CONSECUTIVE_LOCAL_ORIGIN
+
+# Outcome kinds, from the one classifier (meshcore.policy.classify.Kind).
+cdef int K_RESPONSE = _Kind.RESPONSE
+cdef int K_CONNECT_FAILURE = _Kind.CONNECT_FAILURE
+cdef int K_CONNECT_TIMEOUT = _Kind.CONNECT_TIMEOUT
+cdef int K_RESET = _Kind.RESET_BEFORE_RESPONSE
+cdef int K_PER_TRY_TIMEOUT = _Kind.PER_TRY_TIMEOUT
+cdef int K_OVERFLOW = _Kind.OVERFLOW
+cdef int K_PROTOCOL_ERROR = _Kind.PROTOCOL_ERROR
+
+# policy.on_outcome answers
+RELAY = 0
+RETRY = 1
+REPLY = 2
+cdef enum:
+    A_RELAY = 0
+    A_RETRY = 1
+    A_REPLY = 2
+
+cdef object _render = _lr.render
+cdef object _NO_ROUTE = _lr.NO_ROUTE
+cdef object _NO_HEALTHY = _lr.NO_HEALTHY_UPSTREAM
+cdef object _ROUTE_TIMEOUT = _lr.ROUTE_TIMEOUT
+cdef object _UPE = _lr.UPSTREAM_PROTOCOL_ERROR
+cdef object _HTTP10 = _lr.HTTP10_REJECTED
+cdef object _INTERNAL = _lr.INTERNAL_ERROR
+cdef object _protocol_reply = _lr.downstream_protocol_error
+cdef tuple DROP_SERVER = (b"server",)
+cdef bytes CONTINUE_100 = b"HTTP/1.1 100 Continue\r\n\r\n"
+
+# stream states
+cdef enum:
+    ST_NEW = 0
+    ST_DELAY = 1        # fault delay before forwarding
+    ST_PENDING = 2      # waiting for room under maxConnections
+    ST_CONNECTING = 3
+    ST_AWAIT = 4        # request sent (or streaming), waiting for the response head
+    ST_BACKOFF = 5      # between attempts
+    ST_RELAY = 6        # response streaming downstream
+    ST_DONE = 7
+
+# timer kinds
+cdef enum:
+    T_ROUTE = 1
+    T_TRY = 2
+    T_WAIT = 3
+    T_HEADER = 4
+    T_CONNECT = 5
+    T_RESUME_ACCEPT = 6
+
+# ------------------------------------------------------------------------------------------------
+# clocks
+
+cdef inline double mono() noexcept nogil:
+    cdef timespec ts
+    clock_gettime(CLOCK_MONOTONIC, &ts)
+    return ts.tv_sec + ts.tv_nsec * 1e-9
+
+
+cdef inline double wall() noexcept nogil:
+    cdef timespec ts
+    clock_gettime(CLOCK_REALTIME, &ts)
+    return ts.tv_sec + ts.tv_nsec * 1e-9
+
+
+# ------------------------------------------------------------------------------------------------
+# timers: a binary min-heap of Timer structs embedded in their owners
+
+cdef struct Timer:
+    double when
+    Py_ssize_t idx      # position in the heap, -1 when not armed
+    int kind
+    PyObject* owner     # a Handle, INCREF'd while armed
+
+
+cdef class Handle:
+    """Anything the loop calls back: a socket's readiness or a timer."""
+    cdef int fd
+    cdef uint32_t interest
+    cdef bint registered
+
+    cdef int on_event(self, uint32_t events) except -1:
+        return 0
+
+    cdef int on_timer(self, int kind) except -1:
+        return 0
+
+    cdef int on_error(self) except -1:
+        """An exception escaped this handle's callback: close it."""
+        return 0
+
+
+# ------------------------------------------------------------------------------------------------
+# the loop
+
+cdef class Loop:
+    cdef int epfd
+    cdef int tfd
+    cdef double tfd_armed
+    cdef Timer** heap
+    cdef Py_ssize_t nheap, capheap
+    cdef char* scratch
+    cdef epoll_event* events
+    cdef int max_events
+    cdef list deferred
+    cdef set conns              # downstream connections (for sweeps, drain)
+    cdef set shadows            # mirror copies in flight
+    cdef list listeners
+    cdef public object policy
+    cdef public bint draining
+    cdef public bint use_remote_address
+    cdef public double header_timeout
+    cdef public double idle_timeout
+    cdef public bint accepting
+    cdef public int max_connections
+    # shared memory
+    cdef Py_buffer shm_view
+    cdef bint shm_held
+    cdef char* shm
+    # access log
+    cdef public int log_fd
+    cdef public int log_mode      # 0 off, 1 Istio text in C, 2 Python formatter (policy.log)
+    cdef Buf logbuf
+    cdef long log_sec
+    cdef char log_sec_text[24]
+    cdef public uint64_t log_dropped
+    # request ids
+    cdef uint64_t rng0, rng1
+    # accounting (the bench's per-request CPU breakdown; clock reads only when profiling)
+    cdef public bint profile
+    cdef public double t_policy
+    cdef public double t_log
+    cdef public uint64_t n_requests
+    cdef public uint64_t n_policy_calls
+    cdef public uint64_t n_accept_overflow
+    cdef int bug_reports
+    cdef double bug_window
+    cdef TimerFd timer_handle
+
+    def __cinit__(self):
+        self.epfd = -1
+        self.tfd = -1
+        self.heap = NULL
+        self.scratch = NULL
+        self.events = NULL
+        self.shm_held = False
+
+    def __init__(self, policy, *, int max_events=256, int log_fd=1, int log_mode=1,
+                 bint use_remote_address=False, double header_timeout=10.0,
+                 double idle_timeout=3600.0, int max_connections=0):
+        cdef bytes seed
+        self.policy = policy
+        self.max_events = max_events
+        self.epfd = epoll_create1(EPOLL_CLOEXEC)
+        if self.epfd < 0:
+            raise OSError(errno, "epoll_create1 failed")
+        self.tfd = timerfd_create(CLOCK_MONOTONIC, TFD_NONBLOCK | TFD_CLOEXEC)
+        if self.tfd < 0:
+            raise OSError(errno, "timerfd_create failed")
+        self.scratch = <char*>malloc(SCRATCH)
+        self.events = <epoll_event*>malloc(max_events * sizeof(epoll_event))
+        self.capheap = 256
+        self.heap = <Timer**>malloc(self.capheap * sizeof(Timer*))
+        if self.scratch == NULL or self.events == NULL or self.heap == NULL:
+            raise MemoryError()
+        self.nheap = 0
+        self.deferred = []
+        self.conns = set()
+        self.shadows = set()
+        self.listeners = []
+        self.log_fd = log_fd
+        self.log_mode = log_mode
+        self.use_remote_address = use_remote_address
+        self.header_timeout = header_timeout
+        self.idle_timeout = idle_timeout
+        self.max_connections = max_connections
+        self.accepting = True
+        seed = _os.urandom(16)
+        memcpy(&self.rng0, PyBytes_AS_STRING(seed), 8)
+        memcpy(&self.rng1, PyBytes_AS_STRING(seed) + 8, 8)
+        if self.rng0 == 0 and self.rng1 == 0:
+            self.rng1 = 1
+        self.timer_handle = TimerFd.__new__(TimerFd)
+        self.timer_handle.fd = self.tfd
+        self.timer_handle.loop = self
+        self.register(self.timer_handle, EPOLLIN)
+
+    def __dealloc__(self):
+        buf_free(&self.logbuf)
+        if self.shm_held:
+            PyBuffer_Release(&self.shm_view)
+        free(self.scratch)
+        free(self.events)
+        free(self.heap)
+        if self.tfd >= 0:
+            c_close(self.tfd)
+        if self.epfd >= 0:
+            c_close(self.epfd)
+
+    # -- Python API -------------------------------------------------------------------------
+
+    def fileno(self):
+        return self.epfd
+
+    def attach_shm(self, buf):
+        """The shared-memory segment (a writable buffer) the stats and breaker rows live in."""
+        if self.shm_held:
+            PyBuffer_Release(&self.shm_view)
+            self.shm_held = False
+        PyObject_GetBuffer(buf, &self.shm_view, PyBUF_WRITABLE)
+        self.shm_held = True
+        self.shm = <char*>self.shm_view.buf
+
+    def add_listener(self, sock):
+        """Serve a listening socket (its fd is duplicated; the caller may close its object)."""
+        cdef Listener lst = Listener.__new__(Listener)
+        lst.fd = _os.dup(sock.fileno())
+        lst.loop = self
+        _os.set_blocking(lst.fd, False)
+        self.listeners.append(lst)
+        self.register(lst, EPOLLIN)
+        return lst
+
+    def run_once(self):
+        """Handle what is ready now (at most max_events sockets) and the expired timers; never
+        blocks. Returns the number of socket events handled."""
+        cdef int n, i
+        cdef Handle h
+        n = epoll_wait(self.epfd, self.events, self.max_events, 0)
+        if n < 0:
+            if errno == EINTR:
+                return 0
+            raise OSError(errno, "epoll_wait failed")
+        for i in range(n):
+            h = <Handle>self.events[i].data.ptr
+            try:
+                h.on_event(self.events[i].events)
+            except Exception:
+                self.contain(h)
+            self.run_deferred()
+        self.run_timers()
+        self.run_deferred()
+        self.arm_timerfd()
+        return n
+
+    @property
+    def connections(self):
+        return len(self.conns)
+
+    @property
+    def timers(self):
+        return self.nheap
+
+    def make_request_id(self):
+        """A new x-request-id, as the data path makes them (for tests and tools)."""
+        cdef char rid[36]
+        self.new_request_id(rid)
+        return PyBytes_FromStringAndSize(rid, 36)
+
+    @property
+    def shadows_in_flight(self):
+        return len(self.shadows)
+
+    def drain(self):
+        """Stop accepting; answer in-flight requests with `connection: close`; close idle
+        keep-alive connections now (between requests, never after a request was read)."""
+        cdef DConn d
+        self.draining = True
+        self.stop_accepting()
+        for d in list(self.conns):
+            d.proto.draining = True
+            if d.stream is None and d.proto.buffered() == 0 and buf_len(&d.out) == 0:
+                d.close()
+
+    def stop_accepting(self):
+        cdef Listener lst
+        self.accepting = False
+        for lst in self.listeners:
+            if lst.fd >= 0:
+                self.unregister(lst)
+                c_close(lst.fd)
+                lst.fd = -1
+        self.listeners = []
+
+    def sweep(self):
+        """Housekeeping (every few seconds): close downstream connections idle longer than
+        idle_timeout and expired pooled upstream connections."""
+        cdef double now = mono()
+        cdef DConn d
+        for d in list(self.conns):
+            if d.stream is None and now - d.last_active > self.idle_timeout:
+                d.close()
+
+    def flush_log(self):
+        self.write_log()
+
+    def statistics(self):
+        return {"connections": len(self.conns), "timers": self.nheap,
+                "shadows": len(self.shadows), "requests": self.n_requests,
+                "policy_calls": self.n_policy_calls, "policy_seconds": self.t_policy,
+                "log_seconds": self.t_log, "log_dropped": self.log_dropped,
+                "accept_overflow": self.n_accept_overflow}
+
+    def close(self):
+        cdef DConn d
+        self.stop_accepting()
+        for d in list(self.conns):
+            d.close()
+        self.write_log()
+
+    def shadow(self, ClusterHandle cluster, int ep, bytes head, bytes body, double timeout):
+        """Send a mirror copy (fire and forget): `head` is the complete request head, `body`
+        the complete body (b"" for none). The response is read and discarded. Obeys the mirror
+        cluster's breakers; a copy that cannot be admitted is dropped and counted."""
+        cdef Stream s = Stream.__new__(Stream)
+        s.loop = self
+        s.ds = None
+        s.shadow = True
+        s.cluster = cluster
+        s.ep = ep
+        s.t_start = mono()
+        s.route_timeout = timeout
+        s.body_kind = C_BODY_LENGTH if len(body) else C_BODY_NONE
+        s.body_len = len(body)
+        buf_append(&s.head_base, PyBytes_AS_STRING(head), PyBytes_GET_SIZE(head))
+        if len(body):
+            buf_append(&s.body, PyBytes_AS_STRING(body), PyBytes_GET_SIZE(body))
+        s.body_done = True
+        s.replayable = True
+        s.keep_body = True
+        s.head_request = head.startswith(b"HEAD ")
+        self.shadows.add(s)
+        s.arm_route_timer()
+        s.start_attempt()
+
+    # -- registration ---------------------------------------------------------------------
+
+    cdef int register(self, Handle h, uint32_t events) except -1:
+        cdef epoll_event ev
+        ev.events = events
+        ev.data.ptr = <void*>h
+        if epoll_ctl(self.epfd, EPOLL_CTL_ADD, h.fd, &ev) < 0:
+            raise OSError(errno, "epoll_ctl ADD failed")
+        Py_INCREF(h)
+        h.registered = True
+        h.interest = events
+        return 0
+
+    cdef int modify(self, Handle h, uint32_t events) except -1:
+        cdef epoll_event ev
+        if not h.registered or h.interest == events:
+            return 0
+        ev.events = events
+        ev.data.ptr = <void*>h
+        if epoll_ctl(self.epfd, EPOLL_CTL_MOD, h.fd, &ev) < 0:
+            raise OSError(errno, "epoll_ctl MOD failed")
+        h.interest = events
+        return 0
+
+    cdef void unregister(self, Handle h):
+        cdef epoll_event ev
+        if not h.registered:
+            return
+        epoll_ctl(self.epfd, EPOLL_CTL_DEL, h.fd, &ev)
+        h.registered = False
+        h.interest = 0
+        Py_DECREF(h)
+
+    # -- timers ---------------------------------------------------------------------------
+
+    cdef int arm(self, Timer* t, Handle owner, int kind, double when) except -1:
+        if t.idx >= 0:
+            self.disarm(t)
+        if self.nheap == self.capheap:
+            self.capheap *= 2
+            self.heap = <Timer**>realloc(self.heap, self.capheap * sizeof(Timer*))
+            if self.heap == NULL:
+                raise MemoryError()
+        t.when = when
+        t.kind = kind
+        t.owner = <PyObject*>owner
+        Py_INCREF(owner)
+        t.idx = self.nheap
+        self.heap[self.nheap] = t
+        self.nheap += 1
+        self.sift_up(t.idx)
+        return 0
+
+    cdef void disarm(self, Timer* t):
+        cdef Py_ssize_t i = t.idx
+        cdef Timer* last
+        cdef PyObject* owner
+        if i < 0:
+            return
+        self.nheap -= 1
+        last = self.heap[self.nheap]
+        t.idx = -1
+        if i != self.nheap:
+            self.heap[i] = last
+            last.idx = i
+            self.sift_down(i)
+            self.sift_up(last.idx)
+        owner = t.owner
+        t.owner = NULL
+        Py_DECREF(<object>owner)
+
+    cdef void sift_up(self, Py_ssize_t i):
+        cdef Timer* t = self.heap[i]
+        cdef Py_ssize_t p
+        while i > 0:
+            p = (i - 1) >> 1
+            if self.heap[p].when <= t.when:
+                break
+            self.heap[i] = self.heap[p]
+            self.heap[i].idx = i
+            i = p
+        self.heap[i] = t
+        t.idx = i
+
+    cdef void sift_down(self, Py_ssize_t i):
+        cdef Timer* t = self.heap[i]
+        cdef Py_ssize_t c
+        while True:
+            c = 2 * i + 1
+            if c >= self.nheap:
+                break
+            if c + 1 < self.nheap and self.heap[c + 1].when < self.heap[c].when:
+                c += 1
+            if self.heap[c].when >= t.when:
+                break
+            self.heap[i] = self.heap[c]
+            self.heap[i].idx = i
+            i = c
+        self.heap[i] = t
+        t.idx = i
+
+    cdef int run_timers(self) except -1:
+        cdef double now
+        cdef Timer* t
+        cdef Handle owner
+        cdef int kind
+        if self.nheap == 0:
+            return 0
+        now = mono()
+        while self.nheap and self.heap[0].when <= now:
+            t = self.heap[0]
+            owner = <Handle>t.owner   # a new reference: keeps the owner alive past disarm
+            kind = t.kind
+            self.disarm(t)
+            try:
+                owner.on_timer(kind)
+            except Exception:
+                self.contain(owner)
+            self.run_deferred()
+        return 0
+
+    cdef void arm_timerfd(self):
+        """Point the timerfd at the earliest deadline (only when it moved earlier, or the armed
+        one has passed: a stale, early wake-up costs one empty pass)."""
+        cdef itimerspec spec
+        cdef double when
+        if self.nheap == 0:
+            return
+        when = self.heap[0].when
+        if self.tfd_armed > 0 and when >= self.tfd_armed and self.tfd_armed > mono():
+            return
+        memset(&spec, 0, sizeof(spec))
+        spec.it_value.tv_sec = <long>when
+        spec.it_value.tv_nsec = <long>((when - <long>when) * 1e9)
+        if spec.it_value.tv_sec == 0 and spec.it_value.tv_nsec == 0:
+            spec.it_value.tv_nsec = 1
+        timerfd_settime(self.tfd, TFD_TIMER_ABSTIME, &spec, NULL)
+        self.tfd_armed = when
+
+    # -- deferred work --------------------------------------------------------------------
+
+    cdef void defer(self, DConn d):
+        if not d.deferred:
+            d.deferred = True
+            self.deferred.append(d)
+
+    cdef int run_deferred(self) except -1:
+        cdef list todo
+        cdef DConn d
+        while self.deferred:
+            todo = self.deferred
+            self.deferred = []
+            for d in todo:
+                d.deferred = False
+                if d.fd < 0:
+                    continue
+                try:
+                    d.process()
+                except Exception:
+                    self.contain(d)
+        return 0
+
+    # -- errors ---------------------------------------------------------------------------
+
+    cdef void contain(self, Handle h):
+        """A bug must cost one connection, never the worker and its neighbours."""
+        cdef double now = mono()
+        if now - self.bug_window > 60:
+            self.bug_window = now
+            self.bug_reports = 0
+        self.bug_reports += 1
+        if self.bug_reports <= 5:
+            _traceback.print_exc(file=_sys.stderr)
+        try:
+            h.on_error()
+        except Exception:
+            if self.bug_reports <= 5:
+                _traceback.print_exc(file=_sys.stderr)
+
+    # -- request ids ----------------------------------------------------------------------
+
+    cdef uint64_t rand64(self) noexcept nogil:
+        """xorshift128+: fast, non-cryptographic (request ids, like Envoy's, need uniqueness)."""
+        cdef uint64_t s1 = self.rng0
+        cdef uint64_t s0 = self.rng1
+        self.rng0 = s0
+        s1 ^= s1 << 23
+        self.rng1 = s1 ^ s0 ^ (s1 >> 17) ^ (s0 >> 26)
+        return self.rng1 + s0
+
+    cdef void new_request_id(self, char* out):
+        """A lowercase UUIDv4 (36 characters), as Envoy's UUID request-id extension makes."""
+        cdef uint64_t hi = self.rand64(), lo = self.rand64()
+        cdef unsigned char raw[16]
+        cdef int i, j = 0
+        memcpy(raw, &hi, 8)
+        memcpy(raw + 8, &lo, 8)
+        raw[6] = (raw[6] & 0x0F) | 0x40
+        raw[8] = (raw[8] & 0x3F) | 0x80
+        for i in range(16):
+            if i == 4 or i == 6 or i == 8 or i == 10:
+                out[j] = 45
+                j += 1
+            out[j] = b"0123456789abcdef"[raw[i] >> 4]
+            out[j + 1] = b"0123456789abcdef"[raw[i] & 15]
+            j += 2
+
+    # -- access log -----------------------------------------------------------------------
+
+    cdef int write_log(self) except -1:
+        cdef ssize_t n
+        while buf_len(&self.logbuf):
+            n = c_write(self.log_fd, buf_ptr(&self.logbuf), buf_len(&self.logbuf))
+            if n < 0:
+                if errno == EINTR:
+                    continue
+                # a stuck log reader must never stall the data path: drop, and count it
+                self.log_dropped += buf_len(&self.logbuf)
+                buf_clear(&self.logbuf)
+                break
+            buf_consume(&self.logbuf, n)
+        buf_shrink(&self.logbuf)
+        return 0
+
+    cdef void log_time(self, double t):
+        """%START_TIME% as Envoy prints it: 2026-11-26T06:33:23.139Z (seconds part cached)."""
+        cdef long sec = <long>t
+        cdef long ms = <long>((t - sec) * 1000 + 0.5)
+        cdef tm parts
+        cdef Buf* b = &self.logbuf
+        cdef char msbuf[5]
+        if ms >= 1000:
+            sec += 1
+            ms -= 1000
+        if sec != self.log_sec:
+            gmtime_r(&sec, &parts)
+            _fmt_date(self.log_sec_text, parts.tm_year + 1900, parts.tm_mon + 1, parts.tm_mday,
+                      parts.tm_hour, parts.tm_min, parts.tm_sec)
+            self.log_sec = sec
+        buf_append(b, self.log_sec_text, 19)
+        msbuf[0] = 46
+        msbuf[1] = <char>(48 + ms // 100)
+        msbuf[2] = <char>(48 + (ms // 10) % 10)
+        msbuf[3] = <char>(48 + ms % 10)
+        msbuf[4] = 90
+        buf_append(b, msbuf, 5)
+
+
+cdef void _fmt_date(char* out, int y, int mo, int d, int h, int mi, int s) noexcept:
+    """YYYY-MM-DDTHH:MM:SS into out[0:19]."""
+    out[0] = <char>(48 + (y // 1000) % 10)
+    out[1] = <char>(48 + (y // 100) % 10)
+    out[2] = <char>(48 + (y // 10) % 10)
+    out[3] = <char>(48 + y % 10)
+    out[4] = 45
+    out[5] = <char>(48 + mo // 10)
+    out[6] = <char>(48 + mo % 10)
+    out[7] = 45
+    out[8] = <char>(48 + d // 10)
+    out[9] = <char>(48 + d % 10)
+    out[10] = 84
+    out[11] = <char>(48 + h // 10)
+    out[12] = <char>(48 + h % 10)
+    out[13] = 58
+    out[14] = <char>(48 + mi // 10)
+    out[15] = <char>(48 + mi % 10)
+    out[16] = 58
+    out[17] = <char>(48 + s // 10)
+    out[18] = <char>(48 + s % 10)
+
+
+cdef class TimerFd(Handle):
+    cdef Loop loop
+
+    cdef int on_event(self, uint32_t events) except -1:
+        cdef uint64_t expirations
+        c_read(self.fd, &expirations, 8)
+        self.loop.tfd_armed = 0
+        return 0
+
+
+# ------------------------------------------------------------------------------------------------
+# addresses
+
+cdef bytes _format_addr(sockaddr* sa):
+    """"ip:port" ("[v6]:port") as Envoy prints addresses."""
+    cdef char host[64]
+    cdef char out[80]
+    cdef int port
+    cdef sockaddr_in* a4
+    cdef sockaddr_in6* a6
+    cdef Py_ssize_t n
+    if sa.sa_family == AF_INET:
+        a4 = <sockaddr_in*>sa
+        inet_ntop(AF_INET, &a4.sin_addr, host, 64)
+        port = ntohs(a4.sin_port)
+        return (<bytes>host) + b":%d" % port
+    if sa.sa_family == AF_INET6:
+        a6 = <sockaddr_in6*>sa
+        inet_ntop(AF_INET6, &a6.sin6_addr, host, 64)
+        port = ntohs(a6.sin6_port)
+        return b"[" + (<bytes>host) + b"]:%d" % port
+    return b""
+
+
+cdef bytes _local_addr(int fd):
+    cdef sockaddr_storage ss
+    cdef socklen_t n = sizeof(ss)
+    if getsockname(fd, <sockaddr*>&ss, &n) < 0:
+        return b""
+    return _format_addr(<sockaddr*>&ss)
+
+
+cdef inline void _nodelay(int fd) noexcept nogil:
+    cdef int one = 1
+    setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one))
+
+
+# ------------------------------------------------------------------------------------------------
+# listener
+
+cdef class Listener(Handle):
+    cdef Loop loop
+    cdef Timer t_resume
+
+    def __cinit__(self):
+        self.t_resume.idx = -1
+
+    cdef int on_event(self, uint32_t events) except -1:
+        cdef int i, fd, err
+        cdef sockaddr_storage ss
+        cdef socklen_t n
+        cdef DConn d
+        cdef Loop loop = self.loop
+        for i in range(MAX_ACCEPT):
+            n = sizeof(ss)
+            fd = accept4(self.fd, <sockaddr*>&ss, &n, SOCK_NONBLOCK | SOCK_CLOEXEC)
+            if fd < 0:
+                err = errno
+                if err == EAGAIN or err == EINTR:
+                    return 0
+                if err == EMFILE or err == ENFILE or err == ENOBUFS or err == ENOMEM:
+                    # Out of descriptors or memory: stop accepting for a moment, keep serving
+                    # the connections already open, and try again (trio's serve_listeners rule).
+                    loop.n_accept_overflow += 1
+                    loop.modify(self, 0)
+                    loop.arm(&self.t_resume, self, T_RESUME_ACCEPT, mono() + 0.1)
+                    return 0
+                return 0
+            if loop.max_connections and len(loop.conns) >= loop.max_connections:
+                loop.n_accept_overflow += 1
+                c_close(fd)
+                continue
+            _nodelay(fd)
+            d = DConn.__new__(DConn)
+            d.fd = fd
+            d.loop = loop
+            d.remote = _format_addr(<sockaddr*>&ss)
+            d.local = _local_addr(fd)
+            d.last_active = mono()
+            loop.conns.add(d)
+            loop.register(d, EPOLLIN)
+        return 0
+
+    cdef int on_timer(self, int kind) except -1:
+        if self.fd >= 0:
+            self.loop.modify(self, EPOLLIN)
+        return 0
+
+
+# ------------------------------------------------------------------------------------------------
+# downstream connection
+
+cdef class DConn(Handle):
+    cdef Loop loop
+    cdef ServerConn proto
+    cdef Buf out
+    cdef Stream stream
+    cdef bytes remote
+    cdef bytes local
+    cdef double last_active
+    cdef bint closing           # close once `out` is flushed
+    cdef bint deferred
+    cdef bint reading_paused    # backpressure: the upstream cannot take more body yet
+    cdef Timer t_header
+
+    def __cinit__(self):
+        self.proto = ServerConn.__new__(ServerConn)
+        self.t_header.idx = -1
+
+    def __dealloc__(self):
+        buf_free(&self.out)
+
+    cdef int on_event(self, uint32_t events) except -1:
+        cdef ssize_t n
+        cdef Loop loop = self.loop
+        if events & EPOLLOUT:
+            self.flush()
+            if self.fd < 0:
+                return 0
+        if events & (EPOLLIN | EPOLLHUP | EPOLLERR):
+            if not (self.interest & EPOLLIN):
+                if events & (EPOLLHUP | EPOLLERR):
+                    self.gone()  # both directions closed or reset: nothing can be delivered
+                return 0
+            n = recv(self.fd, loop.scratch, SCRATCH, 0)
+            if n < 0:
+                if errno == EAGAIN or errno == EINTR:
+                    return 0
+                self.gone()
+                return 0
+            if n == 0:
+                self.proto.eof = True
+            else:
+                self.proto.feed(loop.scratch, n)
+            self.last_active = mono()
+            self.process()
+        return 0
+
+    cdef int process(self) except -1:
+        """Turn buffered bytes into request events until more input is needed."""
+        cdef int ev
+        cdef Stream s
+        while self.fd >= 0 and not self.closing:
+            s = self.stream
+            if s is not None and s.body_blocked():
+                self.reading_paused = True
+                break
+            ev = self.proto.next_event()
+            if ev == EV_HEAD:
+                if self.t_header.idx >= 0:
+                    self.loop.disarm(&self.t_header)
+                self.start_stream()
+            elif ev == EV_DATA:
+                s.on_body(self.proto.ev_p, self.proto.ev_n)
+            elif ev == EV_END:
+                s.on_body_end()
+            elif ev == EV_NEED_DATA:
+                if self.proto.rstate == R_HEAD and self.proto.buffered():
+                    self.arm_header_timer()
+                break
+            elif ev == EV_PAUSED:
+                break
+            elif ev == EV_EOF:
+                self.on_eof()
+                break
+            elif ev == EV_ERROR:
+                self.on_protocol_error()
+                break
+        if self.fd >= 0:
+            self.proto.retain()
+            self.update_interest()
+        return 0
+
+    cdef void arm_header_timer(self):
+        # The header timeout covers the whole header section: trickling bytes cannot extend it.
+        if self.t_header.idx < 0 and self.loop.header_timeout > 0:
+            self.loop.arm(&self.t_header, self, T_HEADER, mono() + self.loop.header_timeout)
+
+    cdef int update_interest(self) except -1:
+        cdef uint32_t want = 0
+        cdef Stream s = self.stream
+        if not self.closing:
+            if s is None:
+                want = EPOLLIN
+            elif self.proto.rstate == R_BODY and not s.body_blocked():
+                want = EPOLLIN
+                self.reading_paused = False
+        if buf_len(&self.out):
+            want |= EPOLLOUT
+        self.loop.modify(self, want)
+        return 0
+
+    cdef int start_stream(self) except -1:
+        cdef Stream s = Stream.__new__(Stream)
+        s.loop = self.loop
+        s.ds = self
+        s.head = self.proto.head
+        s.t_start = mono()
+        s.t_wall = wall()
+        self.stream = s
+        self.loop.n_requests += 1
+        s.begin()
+        return 0
+
+    cdef int send_bytes(self, bytes data) except -1:
+        buf_append(&self.out, PyBytes_AS_STRING(data), PyBytes_GET_SIZE(data))
+        return self.flush()
+
+    cdef int flush(self) except -1:
+        """Send what is buffered; wait for writability only when the kernel buffer is full."""
+        cdef ssize_t n
+        cdef Stream s
+        while buf_len(&self.out):
+            n = send(self.fd, buf_ptr(&self.out), buf_len(&self.out), MSG_NOSIGNAL | MSG_DONTWAIT)
+            if n < 0:
+                if errno == EAGAIN:
+                    break
+                if errno == EINTR:
+                    continue
+                self.gone()
+                return 0
+            buf_consume(&self.out, n)
+        if buf_len(&self.out) == 0:
+            buf_shrink(&self.out)
+            if self.closing:
+                self.close()
+                return 0
+            s = self.stream
+            if s is not None and s.resp_paused:
+                s.resume_response()
+        if self.fd >= 0:
+            self.update_interest()
+        return 0
+
+    cdef bint out_full(self):
+        return buf_len(&self.out) > HIGH_WATER
+
+    cdef int on_stream_done(self, bint keep) except -1:
+        """The current exchange ended (response complete or local reply sent)."""
+        self.stream = None
+        if self.fd < 0:
+            return 0
+        if not keep:
+            self.closing = True
+            if buf_len(&self.out) == 0:
+                self.close()
+            else:
+                self.update_interest()
+            return 0
+        self.last_active = mono()
+        if self.proto.buffered():
+            self.loop.defer(self)  # a pipelined request: parsed after this pass's callbacks
+        else:
+            self.update_interest()
+            if self.loop.draining and buf_len(&self.out) == 0:
+                self.close()
+        return 0
+
+    cdef int on_eof(self) except -1:
+        if self.stream is not None:
+            self.stream.downstream_gone()
+        self.close()
+        return 0
+
+    cdef int gone(self) except -1:
+        """The client vanished (reset, broken pipe)."""
+        if self.stream is not None:
+            self.stream.downstream_gone()
+        self.close()
+        return 0
+
+    cdef int on_protocol_error(self) except -1:
+        """A malformed request: its status hint, then close (nothing was forwarded)."""
+        cdef object reply = _protocol_reply(self.proto.error_status)
+        cdef Stream s = self.stream
+        if s is not None:
+            if s.response_started:
+                s.downstream_gone()
+                self.close()
+                return 0
+            s.abort_upstream()
+            s.finish_local(reply, True, b"", None)
+            return 0
+        self.proto.keep_alive = False
+        self.send_bytes(_render(reply, True))
+        self.closing = True
+        if buf_len(&self.out) == 0:
+            self.close()
+        return 0
+
+    cdef int on_timer(self, int kind) except -1:
+        cdef object reply
+        if kind == T_HEADER and self.stream is None and self.fd >= 0:
+            reply = _protocol_reply(408)
+            self.send_bytes(_render(reply, True))
+            self.closing = True
+            if self.fd >= 0 and buf_len(&self.out) == 0:
+                self.close()
+        return 0
+
+    cdef int on_error(self) except -1:
+        cdef Stream s = self.stream
+        if s is not None and not s.response_started and self.fd >= 0:
+            try:
+                s.abort_upstream()
+                s.finish_local(_INTERNAL, True, b"", None)
+                return 0
+            except Exception:
+                pass
+        if s is not None:
+            s.downstream_gone()
+        self.close()
+        return 0
+
+    cdef void close(self):
+        if self.fd < 0:
+            return
+        if self.t_header.idx >= 0:
+            self.loop.disarm(&self.t_header)
+        self.loop.unregister(self)
+        c_close(self.fd)
+        self.fd = -1
+        self.proto.release_buffers()
+        buf_free(&self.out)
+        self.stream = None
+        self.loop.conns.discard(self)
+
+
+# ------------------------------------------------------------------------------------------------
+# upstream connection
+
+cdef class UConn(Handle):
+    cdef Loop loop
+    cdef ClusterHandle cluster
+    cdef int ep
+    cdef ClientConn proto
+    cdef Buf out
+    cdef Stream stream          # the request using it; None while pooled
+    cdef bint connecting
+    cdef bint counted           # holds a unit of the shared connection gauge
+    cdef bint in_book           # counted in the pool book's cx_active
+    cdef int connect_error
+    cdef int requests
+    cdef bytes local
+    cdef Timer t_connect
+
+    def __cinit__(self):
+        self.proto = ClientConn.__new__(ClientConn)
+        self.t_connect.idx = -1
+
+    def __dealloc__(self):
+        buf_free(&self.out)
+
+    cdef int on_event(self, uint32_t events) except -1:
+        cdef ssize_t n
+        cdef int err = 0
+        cdef socklen_t elen = sizeof(err)
+        cdef Loop loop = self.loop
+        cdef Stream s
+        if self.connecting:
+            if events & (EPOLLOUT | EPOLLERR | EPOLLHUP):
+                getsockopt(self.fd, SOL_SOCKET, SO_ERROR, &err, &elen)
+                self.loop.disarm(&self.t_connect)
+                self.connecting = False
+                s = self.stream
+                if err:
+                    self.close()
+                    if s is not None:
+                        s.on_attempt_failed(K_CONNECT_FAILURE)
+                    return 0
+                self.local = _local_addr(self.fd)
+                if s is not None:
+                    s.on_connected(self)
+                else:
+                    self.cluster.release(self, True)
+            return 0
+        if events & EPOLLOUT:
+            self.flush()
+            if self.fd < 0:
+                return 0
+        if events & (EPOLLIN | EPOLLHUP | EPOLLERR):
+            if not (self.interest & EPOLLIN) and not (events & (EPOLLHUP | EPOLLERR)):
+                return 0
+            n = recv(self.fd, loop.scratch, SCRATCH, 0)
+            if n < 0:
+                if errno == EAGAIN or errno == EINTR:
+                    return 0
+                self.proto.eof = True
+            elif n == 0:
+                self.proto.eof = True
+            else:
+                self.cluster.stat(W_CX_RX_BYTES, n)
+                self.proto.feed(loop.scratch, n)
+            self.process()
+        return 0
+
+    cdef int process(self) except -1:
+        cdef int ev
+        cdef Stream s
+        if self.stream is None:
+            # Readable while pooled: the peer closed it or sent bytes nobody asked for.
+            self.cluster.discard(self)
+            return 0
+        while self.fd >= 0:
+            s = self.stream
+            if s is None or s.resp_paused:
+                break
+            ev = self.proto.next_event()
+            if ev == EV_HEAD:
+                s.on_response_head(self)
+            elif ev == EV_DATA:
+                s.on_response_data(self.proto.ev_p, self.proto.ev_n)
+            elif ev == EV_END:
+                s.on_response_end(self)
+                break
+            elif ev == EV_INFORMATIONAL:
+                continue
+            elif ev == EV_NEED_DATA or ev == EV_PAUSED:
+                break
+            elif ev == EV_EOF:
+                s.on_upstream_closed(self, False)
+                break
+            elif ev == EV_ERROR:
+                s.on_upstream_closed(self, True)
+                break
+            elif ev == EV_UPGRADE:
+                # Upgrades are not requested yet (the Upgrade header is not forwarded), so a
+                # 101 here was never asked for; the connection object already flagged it.
+                s.on_upstream_closed(self, True)
+                break
+            if self.stream is not s:
+                break
+        if self.fd >= 0:
+            self.proto.retain()
+            self.update_interest()
+        return 0
+
+    cdef int update_interest(self) except -1:
+        cdef uint32_t want = EPOLLIN
+        if self.connecting:
+            want = EPOLLOUT
+        else:
+            if self.stream is not None and self.stream.resp_paused:
+                want = 0
+            if buf_len(&self.out):
+                want |= EPOLLOUT
+        self.loop.modify(self, want)
+        return 0
+
+    cdef int flush(self) except -1:
+        cdef ssize_t n
+        cdef Stream s
+        if self.connecting:
+            return 0
+        while buf_len(&self.out):
+            n = send(self.fd, buf_ptr(&self.out), buf_len(&self.out), MSG_NOSIGNAL | MSG_DONTWAIT)
+            if n < 0:
+                if errno == EAGAIN:
+                    break
+                if errno == EINTR:
+                    continue
+                # The upstream went away while we were sending: what it answered (if anything)
+                # is still readable; the read side reports the outcome.
+                buf_clear(&self.out)
+                break
+            if self.stream is not None:
+                self.stream.a_sent = True
+            self.cluster.stat(W_CX_TX_BYTES, n)
+            buf_consume(&self.out, n)
+        if buf_len(&self.out) == 0:
+            buf_shrink(&self.out)
+            s = self.stream
+            if s is not None and s.ds is not None and s.ds.reading_paused:
+                self.loop.defer(s.ds)
+        if self.fd >= 0:
+            self.update_interest()
+        return 0
+
+    cdef bint out_full(self):
+        return buf_len(&self.out) > HIGH_WATER
+
+    cdef int on_timer(self, int kind) except -1:
+        cdef Stream s = self.stream
+        if kind == T_CONNECT and self.connecting:
+            self.close()
+            if s is not None:
+                s.on_attempt_failed(K_CONNECT_TIMEOUT)
+        return 0
+
+    cdef int on_error(self) except -1:
+        cdef Stream s = self.stream
+        self.close()
+        if s is not None and s.ds is not None:
+            s.ds.on_error()
+        return 0
+
+    cdef void close_unbooked(self):
+        """Close a connection the pool book already un-counted (expired, swept, drained)."""
+        self.in_book = False
+        self.close()
+
+    cdef void close(self):
+        """Close and give back the connection's unit of the shared limit."""
+        if self.fd < 0:
+            return
+        if self.t_connect.idx >= 0:
+            self.loop.disarm(&self.t_connect)
+        self.loop.unregister(self)
+        c_close(self.fd)
+        self.fd = -1
+        self.proto.release_buffers()
+        buf_free(&self.out)
+        self.stream = None
+        self.cluster.on_closed(self)
+
+
+# ------------------------------------------------------------------------------------------------
+# cluster and route handles (compiled once per snapshot, per worker)
+
+cdef class ClusterHandle:
+    """One cluster's pools, addresses, limits and shared-memory rows, for this worker."""
+    cdef Loop loop
+    cdef public bytes name
+    cdef public object state          # the Python ClusterState (balancer, outlier logic)
+    cdef public PoolBook book
+    cdef public bint retired          # replaced by a reload: connections close when released
+    cdef int n
+    cdef sockaddr_storage* addrs
+    cdef socklen_t* addr_lens
+    cdef list keys                    # endpoint "ip:port" as bytes (access log %UPSTREAM_HOST%)
+    cdef char* stats                  # this worker's stats row
+    cdef char* crow                   # the cluster's breaker row
+    cdef char** hosts                 # host rows
+    cdef uint32_t max_connections, max_pending, max_requests
+    cdef double connect_timeout
+    cdef double idle_timeout
+    cdef int max_requests_per_connection
+    cdef bint outlier
+    cdef bint outlier_split
+    cdef object pending               # streams waiting for room under maxConnections (FIFO)
+
+    def __cinit__(self):
+        self.addrs = NULL
+        self.addr_lens = NULL
+        self.hosts = NULL
+
+    def __init__(self, Loop loop, name, endpoints, *, Py_ssize_t stats_off, Py_ssize_t cluster_off,
+                 host_offs, limits=(UNLIMITED, UNLIMITED, UNLIMITED), double connect_timeout=10.0,
+                 double idle_timeout=3600.0, int max_requests_per_connection=0,
+                 bint outlier=False, bint outlier_split=False, Py_ssize_t max_idle=64):
+        """`endpoints`: (address, port, key) per endpoint; offsets are into the loop's shm."""
+        cdef Py_ssize_t i
+        cdef object info
+        import collections
+        self.loop = loop
+        self.name = name if isinstance(name, bytes) else name.encode()
+        self.n = len(endpoints)
+        self.book = PoolBook(self.n, max_idle)
+        self.addrs = <sockaddr_storage*>malloc((self.n or 1) * sizeof(sockaddr_storage))
+        self.addr_lens = <socklen_t*>malloc((self.n or 1) * sizeof(socklen_t))
+        self.hosts = <char**>malloc((self.n or 1) * sizeof(char*))
+        if self.addrs == NULL or self.addr_lens == NULL or self.hosts == NULL:
+            raise MemoryError()
+        self.keys = []
+        if loop.shm == NULL:
+            raise ValueError("attach_shm() the loop before building cluster handles")
+        for i in range(self.n):
+            address, port, key = endpoints[i]
+            info = _socket.getaddrinfo(address, port, type=_socket.SOCK_STREAM)[0]
+            self.addr_lens[i] = _pack_addr(info[0], info[4][0], info[4][1], &self.addrs[i])
+            self.keys.append(key if isinstance(key, bytes) else key.encode())
+            self.hosts[i] = loop.shm + <Py_ssize_t>host_offs[i]
+        self.stats = loop.shm + stats_off
+        self.crow = loop.shm + cluster_off
+        self.max_connections, self.max_pending, self.max_requests = limits
+        self.connect_timeout = connect_timeout
+        self.idle_timeout = idle_timeout if idle_timeout > 0 else 1e18
+        self.max_requests_per_connection = max_requests_per_connection
+        self.outlier = outlier
+        self.outlier_split = outlier_split
+        self.pending = collections.deque()
+
+    def __dealloc__(self):
+        free(self.addrs)
+        free(self.addr_lens)
+        free(self.hosts)
+
+    def rq_active(self, int ep):
+        """Active requests of this worker on endpoint `ep` (the least-request balancer reads it)."""
+        return self.book.rq_active(ep)
+
+    def endpoint_key(self, int ep):
+        return self.keys[ep]
+
+    def close_idle(self):
+        """Close every pooled connection (drain, or the cluster left the config)."""
+        cdef UConn u
+        for u in self.book.drain_all():
+            u.close_unbooked()
+
+    def sweep(self):
+        cdef UConn u
+        for u in self.book.sweep(mono(), self.idle_timeout):
+            u.close_unbooked()
+
+    # -- counters -------------------------------------------------------------------------
+
+    cdef inline void stat(self, int idx, uint64_t n) noexcept:
+        (<uint64_t*>(self.stats + idx * 8))[0] += n
+
+    cdef bint try_acquire(self, int off, uint32_t limit) noexcept:
+        """meshcore.upstream.breaker.try_acquire on a cluster-row gauge: exact across workers."""
+        cdef void* p = self.crow + off
+        cdef uint32_t v
+        if limit >= UNLIMITED:
+            mc_add32(p, 1)
+            return True
+        v = mc_load32(p)
+        while v < limit:
+            if mc_cas32(p, v, v + 1):
+                return True
+            v = mc_load32(p)
+        return False
+
+    cdef void release_unit(self, int off) noexcept:
+        cdef void* p = self.crow + off
+        if mc_add32(p, -1) == 0:
+            mc_add32(p, 1)  # never wrap below zero
+
+    cdef void outlier_success(self, int ep) noexcept:
+        """meshcore.upstream.outlier.on_result for a success, the hot half in C."""
+        cdef char* h = self.hosts[ep]
+        if mc_load64(h + H_PAIR):
+            mc_store64(h + H_PAIR, 0)
+        if self.outlier_split and mc_load32(h + H_LOCAL_ORIGIN):
+            mc_store32(h + H_LOCAL_ORIGIN, 0)
+
+    # -- connections ----------------------------------------------------------------------
+
+    cdef UConn checkout(self, int ep):
+        """A pooled connection to `ep`, or None."""
+        cdef UConn u
+        cdef object got
+        got = self.book.take_idle(ep, mono(), self.idle_timeout)
+        for u in self.book.pop_to_close():
+            u.close_unbooked()
+        if got is None:
+            return None
+        u = <UConn>got
+        return u
+
+    cdef UConn open(self, int ep):
+        """A new, connecting connection (the caller holds a connection unit)."""
+        cdef UConn u = UConn.__new__(UConn)
+        cdef int fd, rc
+        u.loop = self.loop
+        u.cluster = self
+        u.ep = ep
+        u.counted = True
+        u.in_book = True
+        fd = c_socket(self.addrs[ep].ss_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0)
+        if fd < 0:
+            u.fd = -1
+            return u
+        _nodelay(fd)
+        u.fd = fd
+        self.book.on_open(ep)
+        self.stat(W_CX_TOTAL, 1)
+        rc = c_connect(fd, <sockaddr*>&self.addrs[ep], self.addr_lens[ep])
+        if rc < 0 and errno != EINPROGRESS:
+            u.connect_error = errno
+            u.connecting = False
+            return u
+        u.connecting = True
+        self.loop.register(u, EPOLLOUT)
+        self.loop.arm(&u.t_connect, u, T_CONNECT, mono() + self.connect_timeout)
+        return u
+
+    cdef int release(self, UConn u, bint reusable) except -1:
+        """A request is done with `u`: pool it if it can carry another, else close it."""
+        u.stream = None
+        if (reusable and not self.retired and not self.loop.draining and u.fd >= 0
+                and (self.max_requests_per_connection == 0
+                     or u.requests < self.max_requests_per_connection)):
+            u.proto.reset()
+            if self.pending:
+                return self.hand_to_pending(u)
+            # With requests pending in another worker and the connection limit reached, an idle
+            # connection here would starve them: close it to free its unit.
+            if not (self.max_connections < UNLIMITED and mc_load32(self.crow + C_RQ_PENDING)):
+                if self.book.put_idle(u.ep, u, mono()):
+                    u.update_interest()
+                    return 0
+        u.close()
+        return 0
+
+    cdef int discard(self, UConn u) except -1:
+        """A pooled connection turned unusable: take it out of the pool and close it."""
+        if self.book.remove_idle(u.ep, u):
+            u.in_book = False
+        u.close()
+        return 0
+
+    cdef int on_closed(self, UConn u) except -1:
+        """`u` closed while it held a connection unit (book already updated or not)."""
+        if u.in_book:
+            u.in_book = False
+            self.book.on_close(u.ep)
+        if u.counted:
+            u.counted = False
+            self.release_unit(C_CX_ACTIVE)
+            if self.pending:
+                self.wake_pending()
+        return 0
+
+    cdef int hand_to_pending(self, UConn u) except -1:
+        cdef Stream s
+        while self.pending:
+            s = self.pending.popleft()
+            if s.state == ST_PENDING:
+                s.leave_pending()
+                s.attach(u, True)
+                return 0
+        if not self.book.put_idle(u.ep, u, mono()):
+            u.close()
+        else:
+            u.update_interest()
+        return 0
+
+    cdef int wake_pending(self) except -1:
+        cdef Stream s
+        while self.pending:
+            s = self.pending[0]
+            if s.state != ST_PENDING:
+                self.pending.popleft()
+                continue
+            if not self.try_acquire(C_CX_ACTIVE, self.max_connections):
+                return 0
+            self.pending.popleft()
+            s.leave_pending()
+            s.connect_new()
+            return 0
+        return 0
+
+    def statistics(self):
+        s = self.book.statistics()
+        s["pending_here"] = len(self.pending)
+        return s
+
+
+cdef socklen_t _pack_addr(int family, str host, int port, sockaddr_storage* out) except 0:
+    cdef sockaddr_in* a4
+    cdef sockaddr_in6* a6
+    cdef bytes h = host.split("%")[0].encode()
+    memset(out, 0, sizeof(sockaddr_storage))
+    if family == AF_INET:
+        a4 = <sockaddr_in*>out
+        a4.sin_family = AF_INET
+        a4.sin_port = htons(port)
+        if inet_pton(AF_INET, h, &a4.sin_addr) != 1:
+            raise ValueError(f"bad IPv4 address {host!r}")
+        return sizeof(sockaddr_in)
+    a6 = <sockaddr_in6*>out
+    a6.sin6_family = AF_INET6
+    a6.sin6_port = htons(port)
+    if inet_pton(AF_INET6, h, &a6.sin6_addr) != 1:
+        raise ValueError(f"bad IPv6 address {host!r}")
+    return sizeof(sockaddr_in6)
+
+
+cdef class RouteHandle:
+    """What the loop needs of a route per request, compiled once per snapshot."""
+    cdef public bytes name
+    cdef public double timeout            # route timeout, seconds (0 = none)
+    cdef public double per_try_timeout    # seconds (0 = none)
+    cdef public bint keep_body            # retries possible: keep the body for replay
+    cdef bytes status_map                 # 1000 bytes: 1 where a status may be retried
+    cdef public bint check_grpc
+    cdef public bint check_ratelimited
+    cdef public bint check_headers        # retriable-headers: always ask the policy
+    cdef public bytes request_headers     # extra request header lines (ready bytes)
+    cdef public bytes response_headers    # extra response header lines
+    cdef public object policy             # the RoutePolicy it was compiled from
+
+    def __init__(self, name, double timeout=0.0, double per_try_timeout=0.0, bint keep_body=False,
+                 status_map=None, bint check_grpc=False, bint check_ratelimited=False,
+                 bint check_headers=False, bytes request_headers=b"", bytes response_headers=b""):
+        self.name = name if isinstance(name, bytes) else name.encode()
+        self.timeout = timeout
+        self.per_try_timeout = per_try_timeout
+        self.keep_body = keep_body
+        self.status_map = bytes(status_map) if status_map is not None else bytes(1000)
+        if len(self.status_map) != 1000:
+            raise ValueError("status_map must have 1000 entries")
+        self.check_grpc = check_grpc
+        self.check_ratelimited = check_ratelimited
+        self.check_headers = check_headers
+        self.request_headers = request_headers
+        self.response_headers = response_headers
+
+
+# ------------------------------------------------------------------------------------------------
+# the exchange: one request and its attempts
+
+cdef class Stream(Handle):
+    """One request: its policy handles, body, attempts, timers and access-log fields."""
+    cdef Loop loop
+    cdef DConn ds                     # None for a mirror copy
+    cdef public RequestHead head
+    cdef public bint shadow
+    cdef public int state
+    # policy (set by policy.decide / on_outcome)
+    cdef public RouteHandle route
+    cdef public ClusterHandle cluster
+    cdef public int ep
+    cdef public int next_ep
+    cdef public double delay          # fault delay (decide) or retry backoff (on_outcome)
+    cdef public bint fresh            # the next attempt must use a new connection
+    cdef public object ctx            # Python-side per-request state (retry state, ...)
+    cdef public object drop           # request header names to strip (x-envoy overrides)
+    cdef public double route_timeout
+    cdef public double per_try_timeout
+    cdef public bint always_policy    # ask the policy about every attempt's outcome
+    cdef public bint mirror           # call policy.mirror(stream) once the body is complete
+    cdef public object abort_reply    # fault abort to answer after the fault delay
+    cdef public str abort_flags
+    cdef public bytes response_extra  # header lines added to the upstream response
+    cdef public str flags
+    cdef public str details
+    cdef public int status
+    # request
+    cdef int body_kind
+    cdef long long body_len
+    cdef Buf body                     # decoded body bytes kept (replay) or not yet sent
+    cdef long long body_received
+    cdef long long body_dropped       # bytes streamed and no longer kept
+    cdef public bint keep_body
+    cdef public bint replayable
+    cdef bint body_done
+    cdef bint head_request
+    cdef Buf head_base                # upstream request head without per-attempt lines
+    cdef char rid[36]
+    cdef const char* rid_p
+    cdef Py_ssize_t rid_n
+    # attempt
+    cdef public UConn uc
+    cdef public int attempt
+    cdef public bint a_sent
+    cdef public bint a_reused
+    cdef public bint a_got
+    cdef bint a_counted               # holds an rq_active unit and a book rq_start
+    cdef public bint retried
+    cdef double t_start
+    cdef double t_wall
+    cdef double t_route_start
+    cdef public ResponseHead response_head
+    cdef public bint response_started
+    cdef public bint resp_paused
+    cdef long long bytes_sent
+    cdef long long service_ms
+    cdef bytes upstream_local
+    cdef Timer t_route
+    cdef Timer t_try
+    cdef Timer t_wait
+
+    def __cinit__(self):
+        self.t_route.idx = -1
+        self.t_try.idx = -1
+        self.t_wait.idx = -1
+        self.ep = -1
+        self.next_ep = -1
+        self.attempt = 0
+        self.replayable = True
+        self.flags = "-"
+        self.details = None
+
+    def __dealloc__(self):
+        buf_free(&self.body)
+        buf_free(&self.head_base)
+
+    # -- Python API (the policy's view) -----------------------------------------------------
+
+    @property
+    def downstream_remote(self):
+        return self.ds.remote.decode() if self.ds is not None else ""
+
+    @property
+    def downstream_local(self):
+        return self.ds.local.decode() if self.ds is not None else ""
+
+    @property
+    def upstream_head(self):
+        """The upstream request head shared by every attempt (without x-envoy-attempt-count)."""
+        return PyBytes_FromStringAndSize(buf_ptr(&self.head_base), buf_len(&self.head_base))
+
+    @property
+    def body_bytes(self):
+        """The kept request body (complete when `replayable` and the body is done)."""
+        return PyBytes_FromStringAndSize(buf_ptr(&self.body), buf_len(&self.body))
+
+    @property
+    def body_complete(self):
+        return self.body_done
+
+    @property
+    def request_id(self):
+        return PyBytes_FromStringAndSize(self.rid_p, self.rid_n) if self.rid_n else None
+
+    @property
+    def upstream_host(self):
+        if self.cluster is None or self.ep < 0:
+            return None
+        return self.cluster.keys[self.ep]
+
+    @property
+    def upstream_local_address(self):
+        return self.upstream_local
+
+    @property
+    def bytes_received(self):
+        return self.body_received
+
+    @property
+    def bytes_sent(self):
+        return self.bytes_sent
+
+    @property
+    def duration_ms(self):
+        return int((mono() - self.t_start) * 1000)
+
+    @property
+    def start_time(self):
+        return self.t_wall
+
+    @property
+    def upstream_service_time(self):
+        return self.service_ms if self.service_ms >= 0 else None
+
+    def forward(self, RouteHandle route, ClusterHandle cluster, int ep):
+        """decide(): forward to `ep` of `cluster` under `route`'s compiled policy."""
+        self.route = route
+        self.cluster = cluster
+        self.ep = ep
+        self.route_timeout = route.timeout
+        self.per_try_timeout = route.per_try_timeout
+        self.keep_body = route.keep_body
+
+    def reply(self, reply, flags=None, bytes extra=b"", bint close=False):
+        """Answer locally with a meshcore.local_reply.LocalReply (from decide or on_outcome)."""
+        self.finish_local(reply, close, extra, flags)
+
+    # -- lifecycle --------------------------------------------------------------------------
+
+    cdef int begin(self) except -1:
+        """A request head arrived: decide, then forward or answer."""
+        cdef RequestHead h = self.head
+        cdef Loop loop = self.loop
+        cdef double t0
+        self.service_ms = -1
+        if h._chunked:
+            self.body_kind = C_BODY_CHUNKED
+            self.body_len = -1
+        elif h._cl > 0:
+            self.body_kind = C_BODY_LENGTH
+            self.body_len = h._cl
+        else:
+            self.body_kind = C_BODY_NONE
+            self.body_done = True
+        cdef const char* raw = PyBytes_AS_STRING(h._raw)
+        self.head_request = h._me - h._ms == 4 and memcmp(raw + h._ms, "HEAD", 4) == 0
+        if h._version == 0:
+            return self.finish_local(_HTTP10, True, b"", None)
+        if h._me - h._ms == 7 and memcmp(raw + h._ms, "CONNECT", 7) == 0:
+            return self.finish_local(_NO_ROUTE, True, b"", None)
+        loop.n_policy_calls += 1
+        if loop.profile:
+            t0 = mono()
+            loop.policy.decide(self)
+            loop.t_policy += mono() - t0
+        else:
+            loop.policy.decide(self)
+        if self.state == ST_DONE:
+            return 0
+        if self.delay > 0 and self.abort_reply is not None:
+            return self.arm_delay()  # a fault delay, then a fault abort
+        if self.cluster is None:
+            return self.finish_local(_NO_ROUTE, False, b"", None)
+        self.build_head()
+        if self.ds.proto.want_continue():
+            self.ds.proto.continue_sent = True
+            buf_append(&self.ds.out, PyBytes_AS_STRING(CONTINUE_100), 25)
+            self.ds.flush()
+        if self.delay > 0:
+            return self.arm_delay()
+        if self.mirror and self.body_done:
+            self.run_mirror()
+        self.arm_route_timer()
+        return self.start_attempt()
+
+    cdef int arm_delay(self) except -1:
+        self.state = ST_DELAY
+        self.loop.arm(&self.t_wait, self, T_WAIT, mono() + self.delay)
+        self.delay = 0
+        return 0
+
+    cdef int build_head(self) except -1:
+        """The upstream request head shared by all attempts (Envoy's header handling)."""
+        cdef RequestHead h = self.head
+        cdef Buf* b = &self.head_base
+        cdef const char* raw = PyBytes_AS_STRING(h._raw)
+        cdef bytes fwd
+        cdef int k
+        cdef bytes path
+        buf_clear(b)
+        buf_reserve(b, PyBytes_GET_SIZE(h._raw) + 256)
+        buf_append(b, raw + h._ms, h._me - h._ms)
+        buf_append(b, " ", 1)
+        path = h.path
+        buf_append(b, PyBytes_AS_STRING(path), PyBytes_GET_SIZE(path))
+        buf_append(b, " HTTP/1.1\r\nhost: ", 17)
+        if h._hs >= 0:
+            buf_append(b, raw + h._hs, h._he - h._hs)
+        buf_append(b, "\r\n", 2)
+        fwd = h._forward(False, self.drop)
+        buf_append(b, PyBytes_AS_STRING(fwd), PyBytes_GET_SIZE(fwd))
+        k = h.find("x-request-id", 12)
+        if k >= 0:
+            self.rid_p = raw + h._f[k].vs
+            self.rid_n = h._f[k].ve - h._f[k].vs
+        else:
+            self.loop.new_request_id(self.rid)
+            self.rid_p = self.rid
+            self.rid_n = 36
+            buf_append(b, "x-request-id: ", 14)
+            buf_append(b, self.rid, 36)
+            buf_append(b, "\r\n", 2)
+        if h.find("x-forwarded-proto", 17) < 0:
+            buf_append(b, "x-forwarded-proto: http\r\n", 25)
+        if self.loop.use_remote_address and self.ds is not None:
+            self.append_xff()
+        if self.body_kind == C_BODY_LENGTH:
+            buf_append(b, "content-length: ", 16)
+            buf_append_dec(b, self.body_len)
+            buf_append(b, "\r\n", 2)
+        elif self.body_kind == C_BODY_CHUNKED:
+            buf_append(b, "transfer-encoding: chunked\r\n", 28)
+        elif h._cl == 0:
+            buf_append(b, "content-length: 0\r\n", 19)
+        if self.route is not None and PyBytes_GET_SIZE(self.route.request_headers):
+            buf_append(b, PyBytes_AS_STRING(self.route.request_headers),
+                       PyBytes_GET_SIZE(self.route.request_headers))
+        return 0
+
+    cdef int append_xff(self) except -1:
+        # Gateway-style behaviour (use_remote_address: true): append the peer address.
+        cdef RequestHead h = self.head
+        cdef bytes remote = self.ds.remote
+        cdef bytes peer = remote.rsplit(b":", 1)[0].strip(b"[]")
+        cdef object xff = h.get(b"x-forwarded-for")
+        cdef bytes line
+        if xff is not None:
+            line = b"x-forwarded-for: " + xff + b"," + peer + b"\r\n"
+        else:
+            line = b"x-forwarded-for: " + peer + b"\r\n"
+        buf_append(&self.head_base, PyBytes_AS_STRING(line), PyBytes_GET_SIZE(line))
+        return 0
+
+    cdef int arm_route_timer(self) except -1:
+        # Envoy arms the route timer when the downstream request is complete; meshcore arms it
+        # when the first attempt starts (documented deviation for streamed bodies).
+        self.t_route_start = mono()
+        if self.route_timeout > 0:
+            self.loop.arm(&self.t_route, self, T_ROUTE, self.t_route_start + self.route_timeout)
+        return 0
+
+    cdef long long expected_timeout_ms(self, double now):
+        """x-envoy-expected-rq-timeout-ms (meshcore.policy.timeout.Deadlines, same rules)."""
+        cdef long long g = <long long>(self.route_timeout * 1000 + 0.5) if self.route_timeout > 0 else 0
+        cdef long long p = <long long>(self.per_try_timeout * 1000 + 0.5) if self.per_try_timeout > 0 else 0
+        cdef long long expected, elapsed
+        if g and p >= g:
+            p = 0
+        expected = p if p else g
+        if expected and g:
+            elapsed = <long long>((now - self.t_route_start) * 1000) if now > self.t_route_start else 0
+            if elapsed >= g:
+                return 1
+            if g - elapsed < expected:
+                expected = g - elapsed
+        return expected
+
+    # -- attempts ---------------------------------------------------------------------------
+
+    cdef int start_attempt(self) except -1:
+        """Pick up a connection for the next attempt on self.ep (or wait for one)."""
+        cdef ClusterHandle c = self.cluster
+        cdef UConn u = None
+        self.attempt += 1
+        self.a_sent = False
+        self.a_reused = False
+        self.a_got = False
+        if not c.try_acquire(C_RQ_ACTIVE, c.max_requests):
+            c.stat(W_RQ_ACTIVE_OVERFLOW, 1)
+            return self.on_attempt_failed(K_OVERFLOW)
+        self.a_counted = True
+        c.book.rq_start(self.ep)
+        if not self.fresh:
+            u = c.checkout(self.ep)
+        self.fresh = False
+        if u is not None:
+            return self.attach(u, True)
+        if c.try_acquire(C_CX_ACTIVE, c.max_connections):
+            return self.connect_new()
+        c.stat(W_CX_OVERFLOW, 1)
+        # Over maxConnections: wait as a pending request, or overflow at once.
+        if not c.try_acquire(C_RQ_PENDING, c.max_pending):
+            c.stat(W_RQ_PENDING_OVERFLOW, 1)
+            return self.on_attempt_failed(K_OVERFLOW)
+        c.stat(W_RQ_PENDING_TOTAL, 1)
+        self.state = ST_PENDING
+        c.pending.append(self)
+        # Another worker may free a unit: re-check the shared gauge now and then.
+        self.loop.arm(&self.t_wait, self, T_WAIT, mono() + 0.02)
+        return 0
+
+    cdef void leave_pending(self):
+        self.cluster.release_unit(C_RQ_PENDING)
+        if self.t_wait.idx >= 0:
+            self.loop.disarm(&self.t_wait)
+        self.state = ST_NEW
+
+    cdef int connect_new(self) except -1:
+        cdef UConn u = self.cluster.open(self.ep)
+        if u.fd < 0 or not u.connecting:
+            u.close()
+            return self.on_attempt_failed(K_CONNECT_FAILURE)
+        u.stream = self
+        self.uc = u
+        self.state = ST_CONNECTING
+        return 0
+
+    cdef int on_connected(self, UConn u) except -1:
+        return self.attach(u, False)
+
+    cdef int attach(self, UConn u, bint reused) except -1:
+        """Send the request on a ready connection."""
+        cdef Buf* o = &u.out
+        cdef double now = mono()
+        cdef long long expected
+        u.stream = self
+        u.requests += 1
+        self.uc = u
+        self.a_reused = reused and u.requests > 1
+        self.state = ST_AWAIT
+        self.upstream_local = u.local
+        u.proto.start_request(self.head_request, self.body_kind, self.body_len, False)
+        buf_append(o, buf_ptr(&self.head_base), buf_len(&self.head_base))
+        buf_append(o, "x-envoy-attempt-count: ", 23)
+        buf_append_dec(o, self.attempt)
+        buf_append(o, "\r\n", 2)
+        expected = 0 if self.shadow else self.expected_timeout_ms(now)
+        if expected:
+            buf_append(o, "x-envoy-expected-rq-timeout-ms: ", 32)
+            buf_append_dec(o, expected)
+            buf_append(o, "\r\n", 2)
+        buf_append(o, "\r\n", 2)
+        if self.body_kind != C_BODY_NONE:
+            if buf_len(&self.body):
+                u.proto.write_body(o, buf_ptr(&self.body), buf_len(&self.body))
+                if not self.keep_body:
+                    self.body_dropped += buf_len(&self.body)
+                    buf_clear(&self.body)
+            if self.body_done:
+                u.proto.write_end(o)
+        if self.per_try_timeout > 0 and not (self.route_timeout > 0
+                                             and self.per_try_timeout >= self.route_timeout):
+            self.loop.arm(&self.t_try, self, T_TRY, now + self.per_try_timeout)
+        u.flush()
+        if u.fd >= 0:
+            u.update_interest()
+            if u.proto.buffered() or u.proto.eof:
+                u.process()
+        return 0
+
+    cdef int end_attempt(self) except -1:
+        """Give back the attempt's rq_active unit and per-endpoint count."""
+        if self.a_counted:
+            self.a_counted = False
+            self.cluster.release_unit(C_RQ_ACTIVE)
+            self.cluster.book.rq_end(self.ep)
+        if self.t_try.idx >= 0:
+            self.loop.disarm(&self.t_try)
+        return 0
+
+    cdef int drop_upstream(self) except -1:
+        """Close the attempt's connection (its exchange cannot be finished)."""
+        cdef UConn u = self.uc
+        self.uc = None
+        if u is not None:
+            u.stream = None
+            u.close()
+        return 0
+
+    cdef int on_attempt_failed(self, int kind) except -1:
+        """The attempt ended without a response head."""
+        self.drop_upstream()
+        self.end_attempt()
+        if self.shadow:
+            if kind != K_OVERFLOW:
+                self.cluster.stat(W_RQ_RX_RESET, 1)
+            return self.finish_shadow()
+        return self.ask_policy(kind, 0)
+
+    cdef int ask_policy(self, int kind, int status) except -1:
+        cdef Loop loop = self.loop
+        cdef int action
+        cdef double t0
+        loop.n_policy_calls += 1
+        if loop.profile:
+            t0 = mono()
+            action = loop.policy.on_outcome(self, kind, status)
+            loop.t_policy += mono() - t0
+        else:
+            action = loop.policy.on_outcome(self, kind, status)
+        if self.state == ST_DONE:
+            return A_REPLY
+        if action == A_RETRY:
+            self.retried = True
+            if self.uc is not None:  # a retriable response: its body is not wanted
+                self.drop_upstream()
+                self.end_attempt()
+            self.ep = self.next_ep
+            self.state = ST_BACKOFF
+            if self.delay > 0:
+                self.loop.arm(&self.t_wait, self, T_WAIT, mono() + self.delay)
+                self.delay = 0
+            else:
+                self.start_attempt()
+        return action
+
+    cdef int on_timer(self, int kind) except -1:
+        cdef ClusterHandle c
+        if self.state == ST_DONE:
+            return 0
+        if kind == T_ROUTE:
+            return self.on_route_timeout()
+        if kind == T_TRY:
+            if self.state == ST_AWAIT or self.state == ST_CONNECTING:
+                return self.on_attempt_failed(K_PER_TRY_TIMEOUT)
+            return 0
+        if kind == T_WAIT:
+            if self.state == ST_DELAY:
+                self.state = ST_NEW
+                if self.abort_reply is not None:
+                    return self.finish_local(self.abort_reply, False, b"", self.abort_flags)
+                if self.mirror and self.body_done:
+                    self.run_mirror()
+                self.arm_route_timer()
+                return self.start_attempt()
+            if self.state == ST_BACKOFF:
+                return self.start_attempt()
+            if self.state == ST_PENDING:
+                c = self.cluster
+                if c.try_acquire(C_CX_ACTIVE, c.max_connections):
+                    c.pending.remove(self)
+                    self.leave_pending()
+                    return self.connect_new()
+                self.loop.arm(&self.t_wait, self, T_WAIT, mono() + 0.02)
+        return 0
+
+    cdef int on_route_timeout(self) except -1:
+        self.cluster.stat(W_RQ_TIMEOUT, 1)
+        if self.state == ST_PENDING:
+            self.cluster.pending.remove(self)
+            self.leave_pending()
+        self.drop_upstream()
+        self.end_attempt()
+        if self.shadow:
+            return self.finish_shadow()
+        if self.response_started:  # the response already started: abort the client connection
+            self.flags = "UT"
+            return self.finish(False)
+        return self.finish_local(_ROUTE_TIMEOUT, True, b"",
+                                 "URX,UT" if self.flags == "URX" else "UT")
+
+    # -- request body -----------------------------------------------------------------------
+
+    cdef bint body_blocked(self):
+        """Backpressure on the request body: stop reading the client."""
+        cdef UConn u = self.uc
+        if self.state == ST_AWAIT and u is not None:
+            return u.out_full()
+        return buf_len(&self.body) > BODY_BUFFER_LIMIT
+
+    cdef int on_body(self, const char* p, Py_ssize_t n) except -1:
+        cdef UConn u = self.uc
+        self.body_received += n
+        if (self.state == ST_AWAIT or self.state == ST_RELAY) and u is not None \
+                and u.proto.sstate != W_DONE:
+            u.proto.write_body(&u.out, p, n)
+            if self.keep_body and self.replayable:
+                self.keep(p, n)
+            u.flush()
+        elif self.state != ST_DONE and self.state != ST_RELAY:
+            # No upstream can take it yet (connecting, pending, backoff, delay): hold it.
+            buf_append(&self.body, p, n)
+            if self.keep_body and buf_len(&self.body) > BODY_BUFFER_LIMIT:
+                self.replayable = False
+        elif self.keep_body and self.replayable:
+            self.keep(p, n)
+        return 0
+
+    cdef void keep(self, const char* p, Py_ssize_t n):
+        if buf_len(&self.body) + n > BODY_BUFFER_LIMIT:
+            self.replayable = False
+            self.body_dropped += buf_len(&self.body)
+            buf_free(&self.body)
+        else:
+            buf_append(&self.body, p, n)
+
+    cdef int on_body_end(self) except -1:
+        cdef UConn u = self.uc
+        self.body_done = True
+        if (self.state == ST_AWAIT or self.state == ST_RELAY) and u is not None \
+                and u.proto.sstate != W_DONE:
+            u.proto.write_end(&u.out)
+            u.flush()
+        if self.mirror and self.state != ST_DELAY:
+            self.run_mirror()
+        return 0
+
+    cdef int run_mirror(self) except -1:
+        self.mirror = False
+        self.loop.policy.mirror(self)
+        return 0
+
+    # -- response ---------------------------------------------------------------------------
+
+    cdef bint needs_policy(self, ResponseHead rh):
+        """Could the policy do anything but relay this response? (retries, outlier 5xx)."""
+        cdef int status = rh._status
+        cdef RouteHandle r = self.route
+        if status >= 500 or self.always_policy or self.retried:
+            return True
+        if (<const char*>PyBytes_AS_STRING(r.status_map))[status]:
+            return True
+        if r.check_headers:
+            return True
+        if r.check_grpc and rh.find("grpc-status", 11) >= 0:
+            return True
+        if r.check_ratelimited and rh.find("x-envoy-ratelimited", 19) >= 0:
+            return True
+        return False
+
+    cdef int on_response_head(self, UConn u) except -1:
+        cdef ResponseHead rh = u.proto.head
+        cdef ClusterHandle c = self.cluster
+        cdef int status = rh._status
+        self.a_got = True
+        self.response_head = rh
+        if self.t_try.idx >= 0:
+            self.loop.disarm(&self.t_try)
+        if self.shadow:
+            self.status = status
+            self.state = ST_RELAY
+            return 0
+        if self.needs_policy(rh):
+            if self.ask_policy(K_RESPONSE, status) != A_RELAY:
+                return 0
+        else:
+            c.stat(W_RQ_TOTAL, 1)
+            c.stat(W_RQ_COMPLETED, 1)
+            if 100 <= status < 600:
+                c.stat(W_RQ_1XX + status // 100 - 1, 1)
+            if c.outlier:
+                c.outlier_success(self.ep)
+        return self.relay_head(u)
+
+    cdef int relay_head(self, UConn u) except -1:
+        cdef ResponseHead rh = u.proto.head
+        cdef DConn d = self.ds
+        cdef Buf* o = &d.out
+        cdef int kind = u.proto.body_kind
+        cdef long long length = 0
+        cdef bint keep
+        cdef bytes fwd = rh._forward(True, DROP_SERVER)
+        cdef bytes reason
+        cdef const char* raw = PyBytes_AS_STRING(rh._raw)
+        self.state = ST_RELAY
+        self.status = rh._status
+        self.details = "via_upstream"
+        self.service_ms = <long long>((mono() - self.t_start) * 1000)
+        if kind == C_BODY_LENGTH:
+            length = rh._cl
+        elif kind == C_BODY_CLOSE:
+            kind = C_BODY_CHUNKED
+        keep = d.proto.start_response(kind, length)
+        buf_reserve(o, PyBytes_GET_SIZE(fwd) + 256)
+        buf_append(o, "HTTP/1.1 ", 9)
+        buf_append_dec(o, rh._status)
+        buf_append(o, " ", 1)
+        buf_append(o, raw + rh._rs, rh._re - rh._rs)
+        buf_append(o, "\r\n", 2)
+        buf_append(o, PyBytes_AS_STRING(fwd), PyBytes_GET_SIZE(fwd))
+        buf_append(o, "server: envoy\r\nx-envoy-upstream-service-time: ", 46)
+        buf_append_dec(o, self.service_ms)
+        buf_append(o, "\r\n", 2)
+        if self.response_extra is not None and PyBytes_GET_SIZE(self.response_extra):
+            buf_append(o, PyBytes_AS_STRING(self.response_extra),
+                       PyBytes_GET_SIZE(self.response_extra))
+        if self.route is not None and PyBytes_GET_SIZE(self.route.response_headers):
+            buf_append(o, PyBytes_AS_STRING(self.route.response_headers),
+                       PyBytes_GET_SIZE(self.route.response_headers))
+        if kind == C_BODY_LENGTH:
+            buf_append(o, "content-length: ", 16)
+            buf_append_dec(o, length)
+            buf_append(o, "\r\n", 2)
+        elif kind == C_BODY_CHUNKED:
+            buf_append(o, "transfer-encoding: chunked\r\n", 28)
+        elif rh._cl >= 0 and rh._status >= 200 and rh._status != 204:
+            buf_append(o, "content-length: ", 16)  # HEAD / 304 keep theirs
+            buf_append_dec(o, rh._cl)
+            buf_append(o, "\r\n", 2)
+        if not keep:
+            buf_append(o, "connection: close\r\n", 19)
+        buf_append(o, "\r\n", 2)
+        self.response_started = True
+        return 0
+
+    cdef int on_response_data(self, const char* p, Py_ssize_t n) except -1:
+        cdef DConn d = self.ds
+        if self.shadow or d is None or d.fd < 0:
+            return 0
+        d.proto.write_body(&d.out, p, n)
+        self.bytes_sent += n
+        if d.out_full():
+            d.flush()
+            if d.fd >= 0 and d.out_full():
+                self.resp_paused = True
+        return 0
+
+    cdef int resume_response(self) except -1:
+        cdef UConn u = self.uc
+        self.resp_paused = False
+        if u is not None and u.fd >= 0:
+            u.process()
+        return 0
+
+    cdef int on_response_end(self, UConn u) except -1:
+        cdef bint reusable = u.proto.reusable() and self.body_done
+        cdef DConn d = self.ds
+        cdef bint keep
+        self.uc = None
+        self.end_attempt()
+        self.cluster.release(u, reusable)
+        if self.shadow:
+            return self.finish_shadow()
+        if d is None or d.fd < 0:
+            return self.finish(False)
+        keep = d.proto.end_response(&d.out)
+        return self.finish(keep)
+
+    cdef int on_upstream_closed(self, UConn u, bint protocol_error) except -1:
+        """The upstream connection failed: before the response head it is an attempt outcome;
+        after it, the response is cut short and the client connection is aborted."""
+        cdef int kind
+        if self.state == ST_RELAY and not self.shadow:
+            self.flags = "UPE" if protocol_error else "UC"
+            self.drop_upstream()
+            self.end_attempt()
+            return self.finish(False)
+        self.a_got = self.a_got or u.proto.got_bytes
+        if protocol_error:
+            kind = K_PROTOCOL_ERROR
+        else:
+            kind = K_RESET
+        return self.on_attempt_failed(kind)
+
+    # -- endings ----------------------------------------------------------------------------
+
+    cdef int finish_local(self, object reply, bint close, bytes extra, object flags) except -1:
+        """Answer the client with a local reply and end the exchange."""
+        cdef DConn d = self.ds
+        cdef bytes data
+        cdef bint keep
+        cdef Py_ssize_t blen
+        self.abort_upstream()
+        if self.shadow:
+            return self.finish_shadow()
+        self.status = reply.status
+        self.flags = flags if flags is not None else reply.flag
+        self.details = reply.details
+        if d is None or d.fd < 0:
+            return self.finish(False)
+        blen = len(reply.body)
+        keep = d.proto.start_response(C_BODY_LENGTH, blen) and not close
+        data = _render(reply, not keep, extra)
+        buf_append(&d.out, PyBytes_AS_STRING(data), PyBytes_GET_SIZE(data))
+        self.bytes_sent = blen
+        d.proto.out_left = 0
+        keep = d.proto.end_response(&d.out) and keep
+        return self.finish(keep)
+
+    cdef int finish(self, bint keep) except -1:
+        """The exchange is over: timers off, access log, hand the connection back."""
+        cdef DConn d = self.ds
+        if self.state == ST_DONE:
+            return 0
+        self.abort_upstream()
+        self.state = ST_DONE
+        self.cancel_timers()
+        if self.ctx is not None:
+            self.loop.policy.finished(self)
+        self.log()
+        buf_free(&self.body)
+        buf_free(&self.head_base)
+        if d is not None:
+            if d.fd >= 0:
+                d.flush()
+            d.on_stream_done(keep)
+        return 0
+
+    cdef int finish_shadow(self) except -1:
+        cdef ClusterHandle c = self.cluster
+        if self.state == ST_DONE:
+            return 0
+        self.abort_upstream()
+        self.state = ST_DONE
+        self.cancel_timers()
+        if self.status:
+            c.stat(W_RQ_TOTAL, 1)
+            if 100 <= self.status < 600:
+                c.stat(W_RQ_1XX + self.status // 100 - 1, 1)
+        buf_free(&self.body)
+        buf_free(&self.head_base)
+        self.loop.shadows.discard(self)
+        return 0
+
+    cdef void cancel_timers(self):
+        if self.t_route.idx >= 0:
+            self.loop.disarm(&self.t_route)
+        if self.t_try.idx >= 0:
+            self.loop.disarm(&self.t_try)
+        if self.t_wait.idx >= 0:
+            self.loop.disarm(&self.t_wait)
+
+    cdef int abort_upstream(self) except -1:
+        if self.state == ST_PENDING:
+            self.cluster.pending.remove(self)
+            self.leave_pending()
+        self.drop_upstream()
+        self.end_attempt()
+        return 0
+
+    cdef int downstream_gone(self) except -1:
+        """The client went away mid-exchange: cancel the upstream side, log DC."""
+        if self.state == ST_DONE:
+            return 0
+        if self.cluster is not None and self.uc is not None:
+            self.cluster.stat(W_RQ_CANCELLED, 1)
+        if self.flags == "-" or self.flags is None:
+            self.flags = "DC"
+        self.state_done_without_reply()
+        return 0
+
+    cdef int state_done_without_reply(self) except -1:
+        self.abort_upstream()
+        self.state = ST_DONE
+        self.cancel_timers()
+        if self.ctx is not None:
+            self.loop.policy.finished(self)
+        self.log()
+        buf_free(&self.body)
+        buf_free(&self.head_base)
+        return 0
+
+    cdef int on_error(self) except -1:
+        if self.ds is not None:
+            return self.ds.on_error()
+        return self.finish_shadow()
+
+    # -- access log -------------------------------------------------------------------------
+
+    cdef int log(self) except -1:
+        cdef Loop loop = self.loop
+        cdef double t0 = 0
+        if loop.log_mode == 0 or self.shadow or self.head is None:
+            return 0
+        if loop.profile:
+            t0 = mono()
+        if loop.log_mode == 1:
+            self.log_text()
+        else:
+            loop.policy.log(self)
+        if buf_len(&loop.logbuf) >= LOG_FLUSH_AT:
+            loop.write_log()
+        if loop.profile:
+            loop.t_log += mono() - t0
+        return 0
+
+    cdef int log_text(self) except -1:
+        """Istio's default text format (semantics.md §10.2), formatted in C."""
+        cdef Loop loop = self.loop
+        cdef Buf* b = &loop.logbuf
+        cdef RequestHead h = self.head
+        cdef const char* raw = PyBytes_AS_STRING(h._raw)
+        cdef bytes path = h.path
+        cdef int k
+        cdef ClusterHandle c = self.cluster
+        buf_reserve(b, 512 + PyBytes_GET_SIZE(path))
+        buf_append(b, "[", 1)
+        loop.log_time(self.t_wall)
+        buf_append(b, "] \"", 3)
+        buf_append(b, raw + h._ms, h._me - h._ms)
+        buf_append(b, " ", 1)
+        buf_append(b, PyBytes_AS_STRING(path), PyBytes_GET_SIZE(path))
+        buf_append(b, " HTTP/1.1\" ", 11)
+        buf_append_dec(b, self.status)
+        buf_append(b, " ", 1)
+        _log_str(b, self.flags)
+        buf_append(b, " ", 1)
+        _log_str(b, self.details)
+        buf_append(b, " - \"-\" ", 7)
+        buf_append_dec(b, self.body_received)
+        buf_append(b, " ", 1)
+        buf_append_dec(b, self.bytes_sent)
+        buf_append(b, " ", 1)
+        buf_append_dec(b, <long long>((mono() - self.t_start) * 1000))
+        buf_append(b, " ", 1)
+        if self.service_ms >= 0:
+            buf_append_dec(b, self.service_ms)
+        else:
+            buf_append(b, "-", 1)
+        buf_append(b, " \"", 2)
+        _log_header(b, h, "x-forwarded-for", 15)
+        buf_append(b, "\" \"", 3)
+        _log_header(b, h, "user-agent", 10)
+        buf_append(b, "\" \"", 3)
+        if self.rid_n:
+            buf_append(b, self.rid_p, self.rid_n)
+        else:
+            buf_append(b, "-", 1)
+        buf_append(b, "\" \"", 3)
+        if h._hs >= 0 and h._he > h._hs:
+            buf_append(b, raw + h._hs, h._he - h._hs)
+        else:
+            buf_append(b, "-", 1)
+        buf_append(b, "\" \"", 3)
+        if c is not None and self.ep >= 0:
+            _log_bytes(b, c.keys[self.ep])
+        else:
+            buf_append(b, "-", 1)
+        buf_append(b, "\" ", 2)
+        if c is not None:
+            _log_bytes(b, c.name)
+        else:
+            buf_append(b, "-", 1)
+        buf_append(b, " ", 1)
+        _log_bytes(b, self.upstream_local)
+        buf_append(b, " ", 1)
+        _log_bytes(b, self.ds.local if self.ds is not None else None)
+        buf_append(b, " ", 1)
+        _log_bytes(b, self.ds.remote if self.ds is not None else None)
+        buf_append(b, " - ", 3)
+        _log_bytes(b, self.route.name if self.route is not None else None)
+        buf_append(b, "\n", 1)
+        return 0
+
+
+cdef inline void _log_bytes(Buf* b, object v):
+    if v is None or PyBytes_GET_SIZE(v) == 0:
+        buf_append(b, "-", 1)
+    else:
+        buf_append(b, PyBytes_AS_STRING(v), PyBytes_GET_SIZE(v))
+
+
+cdef inline void _log_str(Buf* b, object v):
+    cdef Py_ssize_t n
+    cdef const char* p
+    if v is None:
+        buf_append(b, "-", 1)
+        return
+    p = PyUnicode_AsUTF8AndSize(v, &n)
+    if n == 0:
+        buf_append(b, "-", 1)
+    else:
+        buf_append(b, p, n)
+
+
+cdef inline void _log_header(Buf* b, RequestHead h, const char* name, Py_ssize_t nn):
+    cdef int k = h.find(name, nn)
+    cdef const char* raw
+    if k < 0 or h._f[k].ve == h._f[k].vs:
+        buf_append(b, "-", 1)
+        return
+    raw = PyBytes_AS_STRING(h._raw)
+    buf_append(b, raw + h._f[k].vs, h._f[k].ve - h._f[k].vs)

@@ -1,0 +1,380 @@
+"""The Python half of a worker's data path: the policy the C event loop (ext/loop.pyx) calls.
+
+Per request the loop calls `decide(stream)` once: route (meshcore.routing), fault injection,
+destination and endpoint (meshcore.upstream.cluster.ClusterState: balancers, hash tables,
+ejections), client x-envoy-* overrides, consistent-hash cookies and mirroring. It answers by
+calling `stream.forward(route_handle, cluster_handle, endpoint)` or `stream.reply(local_reply)`.
+
+An attempt that ends in anything but a response the route could never retry comes back once:
+`on_outcome(stream, kind, status)` classifies it with the one classifier
+(meshcore.policy.classify), records it (stats, outlier detection), asks the request's RetryState
+and answers RELAY (forward the response), RETRY (`stream.next_ep`, `stream.delay`) or REPLY
+(after calling `stream.reply`). The success path never comes here: the loop counts it and resets
+the host's outlier counters itself.
+
+`install(snapshot, slots)` compiles a snapshot into the handles the loop reads (one
+ClusterHandle per cluster with its pool; one RouteHandle per route) and swaps them in by
+reference. A cluster whose policy and slots did not change keeps its handle and its warm
+connections.
+"""
+from __future__ import annotations
+
+import random
+import time
+
+from meshcore import local_reply as lr
+from meshcore._ext.loop import RELAY, REPLY, RETRY, ClusterHandle, Loop, RouteHandle
+from meshcore.policy.classify import Kind, classify_failure, classify_response
+from meshcore.policy.fault import DELAY_FLAG, decide_fault
+from meshcore.policy.mirror import mirror_head, should_mirror, shadow_authority, shadow_head, head_authority
+from meshcore.policy.retry import (RETRY_ON_5XX, RETRY_ON_ENVOY_RATE_LIMITED, RETRY_ON_GRPC_ANY,
+                                   RETRY_ON_RETRIABLE_4XX, RETRY_ON_RETRIABLE_HEADERS,
+                                   RETRY_ON_RETRIABLE_STATUS_CODES, RETRY_ON_GATEWAY_ERROR,
+                                   RETRY_REQUEST_HEADERS, DONE_BODY_NOT_REPLAYABLE,
+                                   DONE_EXHAUSTED, DONE_OVERFLOW, Reason, RetryState, final_flags,
+                                   is_idempotent, merge_request_overrides)
+from meshcore.policy.timeout import TIMEOUT_REQUEST_HEADERS, route_timeout_override
+from meshcore.routing.table import find_route, pick_destination
+from meshcore.shm.layout import W_INDEX, W_UPSTREAM_RQ_PENDING_OVERFLOW, W_UPSTREAM_RQ_RETRY_SUCCESS
+from meshcore.upstream.cluster import MAX_IDLE_PER_ENDPOINT, ClusterState
+from meshcore.upstream.hashkey import hash_source_address, request_hash
+
+# Envoy merges these client retry/timeout overrides into the route policy, then removes them.
+STRIPPED_REQUEST_HEADERS = tuple(h.lower() for h in RETRY_REQUEST_HEADERS + TIMEOUT_REQUEST_HEADERS)
+# Counters a retry decision names, resolved once (an unknown name fails here, at import).
+_DECISION_STATS = {d.stat: W_INDEX[d.stat]
+                   for d in (DONE_EXHAUSTED, DONE_OVERFLOW, DONE_BODY_NOT_REPLAYABLE)}
+_DECISION_STATS["upstream_rq_retry"] = W_INDEX["upstream_rq_retry"]
+MIRROR_TIMEOUT = 5.0  # a copy without a route timeout is still bounded (Envoy: unbounded)
+MAX_SHADOWS = 64  # copies in flight per worker; beyond, a copy is dropped and counted
+_RESPONSE = int(Kind.RESPONSE)
+_OVERFLOW = int(Kind.OVERFLOW)
+
+
+class RequestPlan:
+    """Per-request policy state, made only when a request needs more than its route's defaults."""
+
+    __slots__ = ("retry", "retry_state", "hashed", "cookies", "picks", "mirrors", "fault_flag",
+                 "retried")
+
+    def __init__(self, retry):
+        self.retry = retry
+        self.retry_state = None
+        self.hashed = None
+        self.cookies = ()
+        self.picks = 1
+        self.mirrors = None
+        self.fault_flag = ""
+        self.retried = False
+
+
+def route_handle(route) -> RouteHandle:
+    """Compile what the loop needs of a RoutePolicy per request."""
+    retry = route.retry
+    status_map = bytearray(1000)
+    grpc = ratelimited = headers = False
+    keep = False
+    per_try = 0.0
+    if retry is not None:
+        bits = retry.retry_on
+        keep = retry.num_retries > 0
+        per_try = retry.per_try_timeout
+        if bits & RETRY_ON_RETRIABLE_4XX:
+            status_map[409] = 1
+        if bits & RETRY_ON_RETRIABLE_STATUS_CODES:
+            for code in retry.retriable_status_codes:
+                if 0 <= code < 1000:
+                    status_map[code] = 1
+        if bits & (RETRY_ON_5XX | RETRY_ON_GATEWAY_ERROR):
+            for code in range(500, 600):
+                status_map[code] = 1
+        grpc = bool(bits & RETRY_ON_GRPC_ANY)
+        ratelimited = bool(bits & RETRY_ON_ENVOY_RATE_LIMITED)
+        headers = bool(bits & RETRY_ON_RETRIABLE_HEADERS)
+    # a stale pooled connection is replayed once when the body can be: keep it when mirroring too
+    keep = keep or bool(route.mirrors)
+    handle = RouteHandle(route.name, timeout=route.timeout, per_try_timeout=per_try,
+                         keep_body=keep, status_map=bytes(status_map), check_grpc=grpc,
+                         check_ratelimited=ratelimited, check_headers=headers)
+    handle.policy = route
+    return handle
+
+
+class Dataplane:
+    """One worker's data path: the C loop plus the Python policy it calls."""
+
+    def __init__(self, snapshot, slots, segment, worker: int, *, access_log: bool = True,
+                 access_log_fd: int = 1, use_remote_address: bool = False,
+                 header_timeout: float = 10.0, idle_timeout: float = 3600.0,
+                 max_events: int = 256, spawn=None):
+        self.rng = random.Random()
+        self.segment = segment
+        self.worker = worker
+        self.spawn = spawn  # starts a background task (capture sink flushers); set by the worker
+        self.loop = Loop(self, max_events=max_events, log_fd=access_log_fd,
+                         log_mode=1 if access_log else 0, use_remote_address=use_remote_address,
+                         header_timeout=header_timeout, idle_timeout=idle_timeout)
+        self.loop.attach_shm(segment.buf)
+        self.snapshot = None
+        self.clusters: dict[str, ClusterState] = {}
+        self.routes: dict[int, RouteHandle] = {}
+        self.sinks = {}
+        self.mirror_dropped = 0
+        self.install(snapshot, slots)
+
+    # === config ===
+
+    def install(self, snapshot, slots) -> None:
+        """Swap in a new snapshot by reference; unchanged clusters keep their warm connections."""
+        layout = self.segment.layout
+        old = self.clusters
+        states: dict[str, ClusterState] = {}
+        for name, policy in snapshot.clusters.items():
+            prev = old.get(name)
+            if prev is not None and prev.policy == policy and prev.slots == slots[name]:
+                states[name] = prev
+                continue
+            cslot, hslots = slots[name]
+            limits = policy.limits
+            handle = ClusterHandle(
+                self.loop, name,
+                [(e.address, e.port, e.key) for e in policy.endpoints],
+                stats_off=layout.worker_row_off(self.worker, cslot),
+                cluster_off=layout.cluster_off(cslot),
+                host_offs=[layout.host_off(s) for s in hslots],
+                limits=(limits.max_connections, limits.max_pending_requests,
+                        limits.max_requests) if limits is not None else (
+                    0xFFFFFFFF, 0xFFFFFFFF, 0xFFFFFFFF),
+                connect_timeout=policy.connect_timeout, idle_timeout=policy.idle_timeout,
+                max_requests_per_connection=policy.max_requests_per_connection,
+                outlier=policy.outlier is not None and policy.outlier.enabled,
+                outlier_split=bool(policy.outlier is not None
+                                   and policy.outlier.split_external_local_origin_errors),
+                max_idle=MAX_IDLE_PER_ENDPOINT)
+            state = ClusterState(policy, self.rng, self.segment, self.worker, slots[name],
+                                 book=handle.book)
+            state.handle = handle
+            handle.state = state
+            states[name] = state
+        routes: dict[int, RouteHandle] = {}
+        seen = set()
+        for vhost in snapshot.vhosts.values():
+            if id(vhost) in seen:
+                continue
+            seen.add(id(vhost))
+            for route in vhost.routes:
+                routes[id(route)] = route_handle(route)
+        self.snapshot = snapshot
+        self.clusters = states
+        self.routes = routes
+        for name, prev in old.items():
+            if states.get(name) is not prev:
+                prev.handle.retired = True
+                prev.handle.close_idle()
+
+    # === housekeeping (the worker calls these now and then) ===
+
+    def sweep(self) -> None:
+        self.loop.sweep()
+        for state in self.clusters.values():
+            state.handle.sweep()
+
+    def drain(self) -> None:
+        self.loop.drain()
+        for state in self.clusters.values():
+            state.handle.close_idle()
+
+    # === called by the loop ===
+
+    def decide(self, stream) -> None:
+        head = stream.head
+        route = find_route(self.snapshot, head.host, head)
+        if route is None:
+            stream.reply(lr.NO_ROUTE)
+            return
+        rh = self.routes[id(route)]
+        rng = self.rng
+        plan = None
+        if route.fault is not None:
+            delay, abort = decide_fault(route.fault, rng.getrandbits(32), rng.getrandbits(32))
+            if delay:
+                plan = stream.ctx = RequestPlan(route.retry)
+                plan.fault_flag = DELAY_FLAG
+                stream.flags = DELAY_FLAG
+                stream.delay = delay
+            if abort is not None:
+                if delay:
+                    stream.route = rh
+                    stream.abort_reply = route.fault.abort_reply
+                    stream.abort_flags = DELAY_FLAG + "," + route.fault.abort_reply.flag
+                    return
+                stream.reply(route.fault.abort_reply)
+                return
+        state = self.clusters.get(pick_destination(route, rng.getrandbits(32)))
+        if state is None or state.n == 0:
+            stream.reply(lr.NO_HEALTHY_UPSTREAM)
+            return
+        hashed = None
+        cookies = ()
+        if state.table is not None and route.hash_policies:
+            remote = stream.downstream_remote
+            hashed, cookies = request_hash(
+                route.hash_policies, head, hash_source_address(remote, head.get(b"x-forwarded-for")),
+                remote, stream.downstream_local)
+        ep = state.pick(None, hashed)
+        if ep < 0:  # every host ejected and no panic: Envoy's fast 503
+            stream.reply(lr.NO_HEALTHY_UPSTREAM, flags="UH")
+            return
+        stream.forward(rh, state.handle, ep)
+        if head.count_prefix(b"x-envoy-"):  # rare: client overrides to merge, then strip
+            retry = merge_request_overrides(route.retry, head.get)
+            timeout = route_timeout_override(route.timeout, head.get)
+            stream.drop = STRIPPED_REQUEST_HEADERS
+            if retry is not route.retry or timeout != route.timeout:
+                if plan is None:
+                    plan = stream.ctx = RequestPlan(retry)
+                plan.retry = retry
+                stream.route_timeout = timeout
+                stream.per_try_timeout = retry.per_try_timeout if retry is not None else 0.0
+                stream.keep_body = stream.keep_body or (retry is not None and retry.num_retries > 0)
+                stream.always_policy = True
+        if hashed is not None or cookies:
+            if plan is None:
+                plan = stream.ctx = RequestPlan(route.retry)
+            plan.hashed = hashed
+            if cookies:
+                plan.cookies = cookies
+                stream.response_extra = _cookie_lines(cookies, 1)
+        if route.mirrors:  # one draw for all of the route's mirrors, as Envoy does
+            rnd = rng.getrandbits(32)
+            mirrors = [m for m in route.mirrors if should_mirror(m[0], rnd)]
+            if mirrors:
+                if plan is None:
+                    plan = stream.ctx = RequestPlan(route.retry)
+                plan.mirrors = mirrors
+                stream.mirror = True
+
+    def on_outcome(self, stream, kind: int, status: int) -> int:
+        state = stream.cluster.state
+        ep = stream.ep
+        if kind == _RESPONSE:
+            outcome = classify_response(status)
+        else:
+            outcome = classify_failure(Kind(kind), stream.a_sent, stream.a_reused, stream.a_got)
+        state.on_result(ep, outcome)
+        plan = stream.ctx
+        if plan is None:
+            plan = stream.ctx = RequestPlan(stream.route.policy.retry)
+        st = plan.retry_state
+        if st is None:
+            st = plan.retry_state = RetryState(
+                plan.retry, body_replayable=True, idempotent=is_idempotent(stream.head.method),
+                try_acquire_retry=state.try_retry, release_retry=state.end_retry)
+        st.body_replayable = stream.replayable and (stream.body_complete or stream.keep_body)
+        decision = st.on_outcome(outcome, stream.response_started, time.monotonic(),
+                                 self.rng.getrandbits(32),
+                                 headers=stream.response_head if kind == _RESPONSE else None,
+                                 host=ep)
+        if decision.stat:
+            state.stats.inc(_DECISION_STATS[decision.stat])
+        if decision.retry:
+            if decision.reason is Reason.RETRY:  # not the stale keep-alive replay
+                plan.retried = True
+                stream.flags = "URX"  # provisional: the final flags come from final_flags
+            if decision.fresh_connection:
+                stream.next_ep = ep
+                stream.fresh = True
+            else:
+                nep = state.pick(st.exclude, plan.hashed)
+                if nep < 0:  # every host ejected and no panic: Envoy's fast 503
+                    st.release()
+                    stream.reply(lr.NO_HEALTHY_UPSTREAM, flags="URX,UH" if plan.retried else "UH")
+                    return REPLY
+                plan.picks += 1
+                if plan.cookies:  # Envoy adds the invented cookie once per host selection
+                    stream.response_extra = _cookie_lines(plan.cookies, plan.picks)
+                stream.next_ep = nep
+            stream.delay = decision.delay
+            return RETRY
+        if st.retry_success:
+            state.stats.inc(W_UPSTREAM_RQ_RETRY_SUCCESS)
+        st.release()
+        flags = final_flags(decision, outcome) or "-"
+        if plan.fault_flag:
+            flags = plan.fault_flag if flags == "-" else plan.fault_flag + "," + flags
+        if kind == _RESPONSE:
+            stream.flags = flags
+            return RELAY
+        reply = outcome.reply
+        if plan.retried:  # Envoy words a reset reply differently after policy retries
+            reply = lr.retried(reply)
+        stream.reply(reply, flags=flags,
+                     extra=lr.OVERLOADED_HEADER if kind == _OVERFLOW else b"")
+        return REPLY
+
+    def finished(self, stream) -> None:
+        """The request ended (however): give back a retry budget token still held."""
+        plan = stream.ctx
+        if plan is not None and plan.retry_state is not None:
+            plan.retry_state.release()
+
+    def mirror(self, stream) -> None:
+        """The request body is complete: send the route's copies (fire and forget)."""
+        plan = stream.ctx
+        if plan is None or not plan.mirrors:
+            return
+        mirrors, plan.mirrors = plan.mirrors, None
+        if not stream.replayable:
+            return  # over the buffer limit: not mirrored (Envoy <= 1.32 behaviour)
+        head = stream.upstream_head
+        body = stream.body_bytes
+        loop = self.loop
+        for policy, cluster in mirrors:
+            if policy.capture is not None:
+                self._capture(policy, head, body)
+                continue
+            state = self.clusters.get(cluster) if cluster else None
+            if state is None or not state.n:
+                continue
+            if loop.shadows_in_flight >= MAX_SHADOWS:
+                state.stats.inc(W_UPSTREAM_RQ_PENDING_OVERFLOW)  # the mirror could not keep up
+                self.mirror_dropped += 1
+                continue
+            ep = state.pick(None)
+            if ep < 0:
+                continue
+            authority = head_authority(head) or b""
+            if policy.shadow_suffix:
+                authority = shadow_authority(authority)
+            timeout = stream.route_timeout or MIRROR_TIMEOUT
+            loop.shadow(state.handle, ep, shadow_head(head, authority), body, timeout)
+
+    def _capture(self, policy, head: bytes, body: bytes) -> None:
+        from meshcore.capture import CaptureSink
+        settings = policy.capture
+        sink = self.sinks.get(settings)
+        if sink is None:
+            sink = CaptureSink(settings.path, settings.max_bytes, settings.body_limit, settings.keep)
+            self.sinks[settings] = sink
+            if self.spawn is not None:
+                self.spawn(sink.run)
+        full = mirror_head(policy, head + b"x-envoy-attempt-count: 1\r\n\r\n")
+        if b"transfer-encoding: chunked\r\n" in head:
+            pieces = [(b"%x\r\n" % len(body) + body + b"\r\n" if body else b"") + b"0\r\n\r\n"]
+        else:
+            pieces = [body] if body else None
+        sink.add(full, pieces)
+
+    def close(self) -> None:
+        self.loop.close()
+        for state in self.clusters.values():
+            state.handle.close_idle()
+        for sink in self.sinks.values():
+            sink.close()
+
+
+def _cookie_lines(cookies, picks: int) -> bytes:
+    return b"".join(b"set-cookie: " + c + b"\r\n" for c in cookies) * picks
+
+
+__all__ = ["Dataplane", "RequestPlan", "route_handle", "STRIPPED_REQUEST_HEADERS"]
