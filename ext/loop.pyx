@@ -527,16 +527,24 @@ cdef class Loop:
                 "accept_overflow": self.n_accept_overflow}
 
     def close(self):
+        """Close every connection and flush the log. Then the shared-memory buffer is released
+        (the segment may be unmapped): call this last, after the clusters' close_idle()."""
         cdef DConn d
         self.stop_accepting()
         for d in list(self.conns):
             d.close()
         self.write_log()
+        if self.shm_held:
+            PyBuffer_Release(&self.shm_view)
+            self.shm_held = False
 
-    def shadow(self, ClusterHandle cluster, int ep, bytes head, bytes body, double timeout):
-        """Send a mirror copy (fire and forget): `head` is the complete request head, `body`
-        the complete body (b"" for none). The response is read and discarded. Obeys the mirror
-        cluster's breakers; a copy that cannot be admitted is dropped and counted."""
+    def shadow(self, ClusterHandle cluster, int ep, bytes head, bytes body, double timeout,
+               bint chunked=False):
+        """Send a mirror copy (fire and forget). `head`: the request line and header lines up to
+        the per-attempt ones (framing headers included; no empty line); `body`: the complete
+        decoded body, framed as `chunked` says (else Content-Length, or none when empty). The
+        response is read and discarded. Obeys the mirror cluster's breakers; a copy that cannot
+        be admitted is dropped and counted."""
         cdef Stream s = Stream.__new__(Stream)
         s.loop = self
         s.ds = None
@@ -545,8 +553,12 @@ cdef class Loop:
         s.ep = ep
         s.t_start = mono()
         s.route_timeout = timeout
-        s.body_kind = C_BODY_LENGTH if len(body) else C_BODY_NONE
-        s.body_len = len(body)
+        if chunked:
+            s.body_kind = C_BODY_CHUNKED
+            s.body_len = -1
+        else:
+            s.body_kind = C_BODY_LENGTH if len(body) else C_BODY_NONE
+            s.body_len = len(body)
         buf_append(&s.head_base, PyBytes_AS_STRING(head), PyBytes_GET_SIZE(head))
         if len(body):
             buf_append(&s.body, PyBytes_AS_STRING(body), PyBytes_GET_SIZE(body))
@@ -1744,6 +1756,10 @@ cdef class Stream(Handle):
         return self.body_done
 
     @property
+    def body_chunked(self):
+        return self.body_kind == C_BODY_CHUNKED
+
+    @property
     def request_id(self):
         return PyBytes_FromStringAndSize(self.rid_p, self.rid_n) if self.rid_n else None
 
@@ -2047,8 +2063,12 @@ cdef class Stream(Handle):
         self.drop_upstream()
         self.end_attempt()
         if self.shadow:
-            if kind != K_OVERFLOW:
-                self.cluster.stat(W_RQ_RX_RESET, 1)
+            if kind == K_RESET and self.a_reused and not self.a_got and self.attempt == 1:
+                # a pooled connection the peer had closed: once more on a fresh one
+                self.fresh = True
+                return self.start_attempt()
+            if kind != K_OVERFLOW:  # (overflow was counted where the breaker refused)
+                self.loop.policy.shadow_failed(self, kind)
             return self.finish_shadow()
         return self.ask_policy(kind, 0)
 

@@ -26,7 +26,8 @@ from meshcore import local_reply as lr
 from meshcore._ext.loop import RELAY, REPLY, RETRY, ClusterHandle, Loop, RouteHandle
 from meshcore.policy.classify import Kind, classify_failure, classify_response
 from meshcore.policy.fault import DELAY_FLAG, decide_fault
-from meshcore.policy.mirror import mirror_head, should_mirror, shadow_authority, shadow_head, head_authority
+from meshcore.policy.mirror import (head_authority, mirror_head, shadow_authority, shadow_head,
+                                    should_mirror)
 from meshcore.policy.retry import (RETRY_ON_5XX, RETRY_ON_ENVOY_RATE_LIMITED, RETRY_ON_GRPC_ANY,
                                    RETRY_ON_RETRIABLE_4XX, RETRY_ON_RETRIABLE_HEADERS,
                                    RETRY_ON_RETRIABLE_STATUS_CODES, RETRY_ON_GATEWAY_ERROR,
@@ -312,6 +313,12 @@ class Dataplane:
                      extra=lr.OVERLOADED_HEADER if kind == _OVERFLOW else b"")
         return REPLY
 
+    def shadow_failed(self, stream, kind: int) -> None:
+        """A mirror copy failed before its response: count it as the classifier says."""
+        outcome = classify_failure(Kind(kind))
+        if outcome.stat >= 0:
+            stream.cluster.state.stats.inc(outcome.stat)
+
     def finished(self, stream) -> None:
         """The request ended (however): give back a retry budget token still held."""
         plan = stream.ctx
@@ -347,7 +354,8 @@ class Dataplane:
             if policy.shadow_suffix:
                 authority = shadow_authority(authority)
             timeout = stream.route_timeout or MIRROR_TIMEOUT
-            loop.shadow(state.handle, ep, shadow_head(head, authority), body, timeout)
+            loop.shadow(state.handle, ep, shadow_head(head, authority), body, timeout,
+                        stream.body_chunked)
 
     def _capture(self, policy, head: bytes, body: bytes) -> None:
         from meshcore.capture import CaptureSink
@@ -366,9 +374,9 @@ class Dataplane:
         sink.add(full, pieces)
 
     def close(self) -> None:
-        self.loop.close()
         for state in self.clusters.values():
             state.handle.close_idle()
+        self.loop.close()
         for sink in self.sinks.values():
             sink.close()
 
