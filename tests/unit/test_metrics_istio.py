@@ -243,7 +243,7 @@ def test_select_text_and_json():
     assert render_text(picked) == "cluster.c.upstream_rq_retry: 3\n"
     assert render_json(picked) == {"stats": [{"name": "cluster.c.upstream_rq_retry",
                                               "value": 3}]}
-    used = select(stats, "cluster", used_only=True)
+    used = select(stats, r"^cluster\.", used_only=True)
     assert [s.name for s in used] == ["cluster.c.upstream_rq_retry"]
     with pytest.raises(Exception):
         select(stats, "(((")
