@@ -33,7 +33,7 @@ def worker_main(conn, index: int, segment_name: str, listen: tuple[str, int], sn
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     segment = Segment.attach(segment_name)
     listener = reuseport_listener(*listen)
-    access_log = AccessLog(1) if options.get("access_log", True) else None
+    access_log = AccessLog.from_options(options) if options.get("access_log", True) else None
     ctx = WorkerContext(snapshot, slots, segment, index, access_log,
                         use_remote_address=options.get("use_remote_address", False),
                         header_timeout=options.get("request_headers_timeout", 10.0))

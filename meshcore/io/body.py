@@ -57,27 +57,31 @@ class RequestBody:
             raise DownstreamGone()
         return chunk
 
-    async def send(self, usock, head_bytes: bytes, replay: bool) -> None:
+    async def send(self, usock, head_bytes: bytes, replay: bool) -> int:
         """Send `head_bytes` and the whole body to `usock` (OSError: the upstream failed).
+        Returns the bytes written (upstream_cx_tx_bytes_total).
 
         `replay` is True on a second or later attempt: the kept pieces go first. The caller
         checks `replayable` before replaying.
         """
         if replay and self.kept:
-            await send_all(usock, head_bytes + b"".join(self.kept))
+            out = head_bytes + b"".join(self.kept)
+            await send_all(usock, out)
+            n = len(out)
         else:
             sent = send_nowait(usock, head_bytes)  # the usual case: all of it at once
             if sent != len(head_bytes):
                 await send_all(usock, memoryview(head_bytes)[sent:])
+            n = len(head_bytes)
         if self.done:
-            return
+            return n
         if self.kind == BODY_LENGTH:
-            await self._pump_length(usock)
-        else:
-            await self._pump_chunked(usock)
+            return n + await self._pump_length(usock)
+        return n + await self._pump_chunked(usock)
 
-    async def _pump_length(self, usock) -> None:
+    async def _pump_length(self, usock) -> int:
         buf, pos = self._buf, self._pos
+        sent = 0
         while True:
             take = min(len(buf) - pos, self.length - self.received)
             if take:
@@ -87,17 +91,19 @@ class RequestBody:
                 self._buf, self._pos = buf, pos
                 self._keep(piece)
                 await send_all(usock, piece)
+                sent += take
             if self.received == self.length:
                 self.done = True
                 self.leftover = buf[pos:]
                 self._buf = b""
-                return
+                return sent
             buf, pos = await self._more(), 0
             self._buf, self._pos = buf, pos
 
-    async def _pump_chunked(self, usock) -> None:
+    async def _pump_chunked(self, usock) -> int:
         reader = self._reader
         buf, pos = self._buf, self._pos
+        sent = 0
         while True:
             out = []
             while True:
@@ -114,7 +120,7 @@ class RequestBody:
                     piece = b"".join(out)
                     self._keep(piece)
                     await send_all(usock, piece)
-                    return
+                    return sent + len(piece)
                 else:
                     pos = a
                     break
@@ -123,6 +129,7 @@ class RequestBody:
                 piece = b"".join(out)
                 self._keep(piece)
                 await send_all(usock, piece)
+                sent += len(piece)
             buf = buf[pos:] + await self._more()
             pos = 0
             self._buf, self._pos = buf, pos

@@ -27,7 +27,8 @@ result and latency never depend on the mirror host being slow, dead, refusing or
   `CaptureSettings`, its flusher started in this nursery) instead of the network.
 * `on_result(tag, status)` (optional) is called when a network copy ends: the response status, or
   0 for a failure (connect error, reset, protocol error, timeout). It lets the worker count mirror
-  cluster stats; exceptions from it are swallowed.
+  cluster stats; exceptions from it are swallowed. `on_connect(tag)` (optional) is called for
+  each connection a copy opens (the mirror cluster's upstream_cx_total).
 """
 from __future__ import annotations
 
@@ -150,7 +151,8 @@ class Mirror:
 
     def __init__(self, max_concurrent: int = 64, timeout: float = 5.0,
                  max_idle_per_target: int = 4, idle_timeout: float = 30.0,
-                 on_result: Optional[Callable[[object, int], None]] = None):
+                 on_result: Optional[Callable[[object, int], None]] = None,
+                 on_connect: Optional[Callable[[object], None]] = None):
         if max_concurrent < 1:
             raise ValueError("max_concurrent must be >= 1")
         self.max_concurrent = max_concurrent
@@ -158,6 +160,7 @@ class Mirror:
         self.max_idle_per_target = max_idle_per_target
         self.idle_timeout = idle_timeout
         self.on_result = on_result
+        self.on_connect = on_connect
         # counters (read by the worker's stats)
         self.submitted = 0  # network copies accepted
         self.dropped = 0  # refused: max_concurrent copies already queued or in flight
@@ -270,7 +273,7 @@ class Mirror:
         status = 0
         try:
             with trio.move_on_after(self.timeout) as scope:
-                status = await self._exchange(policy, head, pieces, connect_info)
+                status = await self._exchange(policy, head, pieces, connect_info, tag)
             if scope.cancelled_caught:
                 self.timeouts += 1
         except (OSError, ProtocolError, _CopyFailed, ValueError):
@@ -307,7 +310,7 @@ class Mirror:
         else:
             sock.close()
 
-    async def _exchange(self, policy, head: bytes, pieces, connect_info) -> int:
+    async def _exchange(self, policy, head: bytes, pieces, connect_info, tag=None) -> int:
         address, port = connect_info[0], connect_info[1]
         connect_timeout = connect_info[2] if len(connect_info) > 2 else self.timeout
         head = mirror_head(policy, head)
@@ -320,6 +323,11 @@ class Mirror:
             sock = self._checkout(key) if attempt == 0 else None
             reused = sock is not None
             if sock is None:
+                if self.on_connect is not None:
+                    try:
+                        self.on_connect(tag)
+                    except Exception:
+                        pass
                 try:
                     sock = await connect(address, port, connect_timeout)
                 except TimeoutError as exc:

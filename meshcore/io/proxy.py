@@ -31,6 +31,7 @@ from meshcore.io.mirror import Mirror, MirrorTarget
 from meshcore.io.sockets import recv, recv_later, send_all
 from meshcore.io.upstream import (OVERFLOW, PER_TRY_TIMEOUT, Attempt, exchange, relay_response,
                                   release)
+from meshcore.metrics.recorder import WorkerMetrics
 from meshcore.policy.classify import Kind
 from meshcore.policy.fault import DELAY_FLAG, decide_fault
 from meshcore.policy.mirror import should_mirror
@@ -41,8 +42,11 @@ from meshcore.policy.timeout import TIMEOUT_REQUEST_HEADERS, plan_deadlines, rou
 from meshcore.proto.wire import (BODY_CHUNKED, BODY_LENGTH, BODY_NONE, MAX_REQUEST_HEAD,
                                  MAX_REQUEST_LINE, parse_request, request_body_kind)
 from meshcore.routing.table import find_route, pick_destination
-from meshcore.shm.layout import (W_INDEX, W_UPSTREAM_RQ_PENDING_OVERFLOW, W_UPSTREAM_RQ_RETRY_SUCCESS,
-                                 W_UPSTREAM_RQ_RX_RESET, W_UPSTREAM_RQ_TIMEOUT, W_UPSTREAM_RQ_TOTAL)
+from meshcore.shm.layout import (W_INDEX, W_UPSTREAM_CX_TOTAL, W_UPSTREAM_RQ_COMPLETED,
+                                 W_UPSTREAM_RQ_PENDING_OVERFLOW,
+                                 W_UPSTREAM_RQ_RETRY_BACKOFF_EXPONENTIAL,
+                                 W_UPSTREAM_RQ_RETRY_SUCCESS, W_UPSTREAM_RQ_RX_RESET,
+                                 W_UPSTREAM_RQ_TIMEOUT, W_UPSTREAM_RQ_TOTAL)
 from meshcore.upstream.cluster import rebuild
 
 HEADER_TIMEOUT = 10.0  # whole header section; trickling bytes does not extend it (hardening.md §3.5)
@@ -60,7 +64,8 @@ class RequestRecord:
 
     __slots__ = ("head", "start", "status", "flags", "details", "bytes_received", "bytes_sent",
                  "duration_ms", "upstream_service_time", "request_id", "upstream_host", "cluster",
-                 "upstream_local", "downstream_local", "downstream_remote", "route_name")
+                 "upstream_local", "downstream_local", "downstream_remote", "route_name",
+                 "host_row")
 
     def __init__(self, head, start, downstream_local, downstream_remote):
         self.head = head
@@ -79,6 +84,7 @@ class RequestRecord:
         self.downstream_local = downstream_local
         self.downstream_remote = downstream_remote
         self.route_name = None
+        self.host_row = None  # the picked endpoint's HostRow (Istio destination labels)
 
 
 def _new_request_id() -> bytes:
@@ -103,7 +109,8 @@ class WorkerContext:
         self.draining = False
         self.connections = 0
         self.idle = {}  # cancel scope -> since when, of connections waiting for their next request
-        self.mirror = Mirror(on_result=_mirror_result)
+        self.mirror = Mirror(on_result=_mirror_result, on_connect=_mirror_connect)
+        self.metrics = WorkerMetrics(segment, worker)
         self.install(snapshot, slots)
 
     def install(self, snapshot, slots) -> None:
@@ -148,6 +155,7 @@ class WorkerContext:
 async def serve_connection(ctx: WorkerContext, sock: socket.socket) -> None:
     """Serve one client connection: keep-alive, in-order pipelining, strict parsing."""
     ctx.connections += 1
+    ctx.metrics.downstream_open()
     try:
         local = _addr(sock.getsockname())
         remote = _addr(sock.getpeername())
@@ -206,6 +214,7 @@ async def serve_connection(ctx: WorkerContext, sock: socket.socket) -> None:
         await _send_quietly(sock, lr.render(lr.INTERNAL_ERROR, close=True))
     finally:
         ctx.connections -= 1
+        ctx.metrics.downstream_close()
         sock.close()
 
 
@@ -245,6 +254,7 @@ async def handle_request(ctx: WorkerContext, dsock, head, data, local, remote):
         rec.duration_ms = int((_monotonic() - t0) * 1000)
         if ctx.access_log is not None:
             ctx.access_log.log(rec)
+        ctx.metrics.request_done(rec, ctx.clusters)
     return keep and not ctx.draining, data
 
 
@@ -396,6 +406,7 @@ async def _forward(ctx, dsock, head, body, rec, t0, state, retry, deadlines, ups
                                  flags="URX,UH" if retried else "UH")
                     return keep
             rec.upstream_host = state.endpoints[ep].key
+            rec.host_row = state.hosts[ep]
             now = trio.current_time()
             head_bytes = upstream_head + b"x-envoy-attempt-count: %d\r\n" % st.attempt_count
             expected = deadlines.expected_timeout_ms(now)
@@ -414,6 +425,7 @@ async def _forward(ctx, dsock, head, body, rec, t0, state, retry, deadlines, ups
             if att.conn is not None:
                 rec.upstream_local = att.conn.local
             state.on_result(ep, outcome)
+            ctx.metrics.attempt_done(state.hosts[ep].slot, outcome, att.reused)
             st.body_replayable = body.replayable and (body.done or body.keep)
             # `now` only matters for a retry's backoff, which is relative: the attempt start is
             # close enough and saves a clock read on every request.
@@ -434,6 +446,10 @@ async def _forward(ctx, dsock, head, body, rec, t0, state, retry, deadlines, ups
                 release(state, att.conn, False, False)
                 att.conn = None
             fresh = decision.fresh_connection
+            if decision.reason is Reason.RETRY and not (
+                    outcome.kind is Kind.RESPONSE and outcome.status == 425):
+                # Envoy counts every retry it schedules on its backoff timer (425 goes at once)
+                stats.inc(W_UPSTREAM_RQ_RETRY_BACKOFF_EXPONENTIAL)
             if decision.delay > 0:
                 await trio.sleep(decision.delay)
         flags = final_flags(decision, outcome) or "-"
@@ -463,6 +479,7 @@ async def _forward(ctx, dsock, head, body, rec, t0, state, retry, deadlines, ups
                 ctx.clusters.get(state.policy.name) is state)
         return complete and head.keep_alive and body.done
     finally:
+        rec.bytes_received = body.received
         st.release()
         if att is not None and att.conn is not None:  # cancelled or the client vanished mid-flight
             release(state, att.conn, False, False)
@@ -494,9 +511,16 @@ def _mirror_result(state, status: int) -> None:
         return
     if status:
         state.stats.inc(W_UPSTREAM_RQ_TOTAL)
+        state.stats.inc(W_UPSTREAM_RQ_COMPLETED)
         state.stats.inc(W_INDEX.get(f"upstream_rq_{status // 100}xx", W_UPSTREAM_RQ_TOTAL))
     else:
         state.stats.inc(W_UPSTREAM_RQ_RX_RESET)
+
+
+def _mirror_connect(state) -> None:
+    """A copy opened a connection to the mirror cluster: Envoy's upstream_cx_total there."""
+    if state is not None:
+        state.stats.inc(W_UPSTREAM_CX_TOTAL)
 
 
 async def _run_attempt(state, ep, att, body, head_bytes, st, deadlines, now, fresh) -> None:

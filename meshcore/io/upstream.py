@@ -15,6 +15,7 @@ from meshcore.io.sockets import connect, is_stale, recv, recv_later, send_all, s
 from meshcore.policy.classify import Kind, classify_failure, classify_response
 from meshcore.proto.wire import (BODY_CHUNKED, BODY_CLOSE, BODY_LENGTH, BODY_NONE, DATA, DONE,
                                  ChunkedReader, parse_response, response_body_kind)
+from meshcore.shm.layout import W_UPSTREAM_CX_RX_BYTES_TOTAL, W_UPSTREAM_CX_TX_BYTES_TOTAL
 
 _RESPONSE_DROP = (b"server",)  # Envoy overwrites it (server_header_transformation OVERWRITE)
 _monotonic = time.monotonic
@@ -33,13 +34,14 @@ STALE_CHECK_AFTER = 0.1
 
 
 class UpstreamConn:
-    __slots__ = ("sock", "ep", "requests", "local", "idle_since")
+    __slots__ = ("sock", "ep", "requests", "local", "idle_since", "stats")
 
-    def __init__(self, sock: socket.socket, ep: int):
+    def __init__(self, sock: socket.socket, ep: int, stats=None):
         self.sock = sock
         self.ep = ep
         self.requests = 0
         self.idle_since = 0.0
+        self.stats = stats  # the cluster's WorkerStatsRow: byte counters
         try:
             host, port = sock.getsockname()[:2]
             self.local = f"{host}:{port}"
@@ -133,14 +135,14 @@ async def exchange(state, ep: int, att: Attempt, body, head_bytes: bytes, replay
             raise
         state.book.on_open(ep)
         state.on_open(ep)
-        conn = UpstreamConn(sock, ep)
+        conn = UpstreamConn(sock, ep, state.stats)
     att.conn = conn
     conn.requests += 1
     usock = conn.sock
     got = False
     try:
         # A ProtocolError here is the client's malformed body: it propagates (400 downstream).
-        await body.send(usock, head_bytes, replay)
+        state.stats.inc(W_UPSTREAM_CX_TX_BYTES_TOTAL, await body.send(usock, head_bytes, replay))
     except OSError:
         pass  # the upstream went away while we were sending
     else:
@@ -151,6 +153,7 @@ async def exchange(state, ep: int, att: Attempt, body, head_bytes: bytes, replay
                 if not chunk:
                     break
                 got = True
+                state.stats.inc(W_UPSTREAM_CX_RX_BYTES_TOTAL, len(chunk))
                 data = data + chunk if data else chunk
                 rhead = parse_response(data, 0)
                 while rhead is not None and rhead.status < 200:
@@ -220,7 +223,7 @@ async def relay_response(dsock, conn: UpstreamConn, req, rhead, data: bytes, rec
             sent = have
             stray = len(data) > pos + have
             while sent < length:
-                chunk = await _recv_upstream(usock)
+                chunk = await _recv_upstream(conn)
                 if not chunk:
                     rec.flags, rec.bytes_sent = "UC", sent
                     return False, False
@@ -238,7 +241,7 @@ async def relay_response(dsock, conn: UpstreamConn, req, rhead, data: bytes, rec
             await send_all(dsock, b"".join(parts))
             sent = len(body)
             while True:
-                chunk = await _recv_upstream(usock)
+                chunk = await _recv_upstream(conn)
                 if not chunk:
                     await send_all(dsock, b"0\r\n\r\n")
                     rec.bytes_sent = sent
@@ -274,7 +277,7 @@ async def relay_response(dsock, conn: UpstreamConn, req, rhead, data: bytes, rec
                     break
             if out:
                 await send_all(dsock, b"".join(out))
-            chunk = await _recv_upstream(usock)
+            chunk = await _recv_upstream(conn)
             if not chunk:
                 rec.flags, rec.bytes_sent = "UC", sent
                 return False, False
@@ -285,8 +288,11 @@ async def relay_response(dsock, conn: UpstreamConn, req, rhead, data: bytes, rec
         raise DownstreamGone() from exc
 
 
-async def _recv_upstream(usock) -> bytes:
+async def _recv_upstream(conn) -> bytes:
     try:
-        return await recv(usock)
+        chunk = await recv(conn.sock)
     except OSError:
         return b""
+    if conn.stats is not None:
+        conn.stats.inc(W_UPSTREAM_CX_RX_BYTES_TOTAL, len(chunk))
+    return chunk

@@ -286,3 +286,35 @@ def collect(cells, layout) -> tuple[dict[int, Series], int, int, int]:
                 series = out[key] = Series()
             series.add_row(cells, off)
     return out, overflow, cx_total, cx_active
+
+
+# ------------------------------------------------------------------------------------------------
+# Envoy's per-cluster upstream_rq_time histogram (layout.cluster_hist_off rows): the same bounds;
+# cells 0..NB-1 bucket counts, NB the sum, NB+1 the count.
+
+H_SUM = NB
+H_COUNT = NB + 1
+
+
+def hist_record(cells, off: int, value: int) -> None:
+    """One value (ms) into a worker's histogram row at `off` (single writer)."""
+    inc = cells.incr64
+    i = bisect_left(BUCKETS, value)
+    if i < NB:
+        inc(off + 8 * i, 1)
+    if value > 0:
+        inc(off + 8 * H_SUM, value)
+    inc(off + 8 * H_COUNT, 1)
+
+
+def hist_collect(cells, layout, cluster_slot: int) -> tuple[list[int], int, int]:
+    """(bucket counts, sum, count) of one cluster's histogram, summed over workers."""
+    buckets = [0] * NB
+    total = count = 0
+    for w in range(layout.workers):
+        off = layout.cluster_hist_off(w, cluster_slot)
+        for i in range(NB):
+            buckets[i] += cells.load64(off + 8 * i)
+        total += cells.load64(off + 8 * H_SUM)
+        count += cells.load64(off + 8 * H_COUNT)
+    return buckets, total, count

@@ -18,8 +18,8 @@ import re
 from meshcore.metrics.istio import BUCKETS, OVERFLOW_KEY, flags_text, unpack_key
 from meshcore.metrics.labels import UNKNOWN_DESTINATION
 
-__all__ = ["escape", "metric_name", "render_istio", "render_envoy", "CONTENT_TYPE",
-           "ISTIO_LABELS"]
+__all__ = ["escape", "metric_name", "render_istio", "render_envoy", "render_histogram", "render",
+           "CONTENT_TYPE", "ISTIO_LABELS"]
 
 CONTENT_TYPE = b"text/plain; version=0.0.4; charset=utf-8"
 
@@ -107,6 +107,24 @@ def render_istio(series: dict, registry, source, baseline: dict | None = None) -
             out.append(f'{family}_bucket{{{labels},le="+Inf"}} {s.requests}')
             out.append(f"{family}_sum{{{labels}}} {getattr(s, sum_attr)}")
             out.append(f"{family}_count{{{labels}}} {s.requests}")
+    return out
+
+
+def render_histogram(family: str, items) -> list[str]:
+    """Lines of one histogram family; `items`: (tags, buckets, sum, count) with tags
+    ((label, value), ...) and non-cumulative counts over BUCKETS."""
+    if not items:
+        return []
+    out = [f"# TYPE {family} histogram"]
+    for tags, buckets, total, count in items:
+        labels = _labels(tags)
+        cumulative = 0
+        for le, n in zip(_LE, buckets):
+            cumulative += n
+            out.append(f'{family}_bucket{{{labels},le="{le}"}} {cumulative}')
+        out.append(f'{family}_bucket{{{labels},le="+Inf"}} {count}')
+        out.append(f"{family}_sum{{{labels}}} {total}")
+        out.append(f"{family}_count{{{labels}}} {count}")
     return out
 
 

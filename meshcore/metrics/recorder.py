@@ -7,7 +7,8 @@ Rules of this module:
   built per call). The compiled event loop ports `host_attempt` and
   meshcore.metrics.istio.record cell for cell.
 * The shell calls:
-  - `request_done(rec)` once per finished request, next to the access log (Istio metrics);
+  - `request_done(rec, clusters)` once per finished request, next to the access log (Istio
+    metrics, and the cluster's upstream_rq_time histogram when an upstream answered);
   - `attempt_done(host_slot, outcome, reused)` once per upstream attempt that picked a host
     (Envoy's per-host counters behind admin `/clusters`);
   - `downstream_open()` / `downstream_close()` per client connection (listener stats).
@@ -19,9 +20,10 @@ Rules of this module:
 """
 from __future__ import annotations
 
-from meshcore.metrics.istio import IstioWriter, flags_mask
+from meshcore.metrics.istio import IstioWriter, flags_mask, hist_record
 from meshcore.policy.classify import Kind
 from meshcore.shm.layout import (
+    CLUSTER_HIST_ROW_SIZE,
     H_DEST_ID,
     HOST_STATS,
     HOST_STATS_ROW_SIZE,
@@ -69,22 +71,27 @@ def host_stats(cells, layout, host_slot: int) -> dict[str, int]:
 
 
 class WorkerMetrics:
-    __slots__ = ("cells", "istio", "host_base")
+    __slots__ = ("cells", "istio", "host_base", "hist_base")
 
     def __init__(self, segment, worker: int):
         layout = segment.layout
         self.cells = segment.cells
         self.istio = IstioWriter(self.cells, layout, worker)
         self.host_base = layout.host_stats_base + worker * layout.host_stats_block
+        self.hist_base = layout.cluster_hist_base + worker * layout.cluster_hist_block
 
     def request_done(self, rec, clusters) -> None:
         """One finished request (`rec`: the proxy's RequestRecord; `clusters`: the worker's
         cluster states by name, for a request that reached no host)."""
         row = rec.host_row
-        if row is None and rec.cluster is not None:
-            state = clusters.get(rec.cluster)
-            row = state.row if state is not None else None
+        state = clusters.get(rec.cluster) if rec.cluster is not None else None
+        if row is None and state is not None:
+            row = state.row
         dest = self.cells.load32(row.off + H_DEST_ID) if row is not None else 0
+        if state is not None and rec.upstream_service_time is not None:
+            # Envoy's upstream_rq_time: router start to the upstream response (retries included)
+            hist_record(self.cells, self.hist_base + state.row.slot * CLUSTER_HIST_ROW_SIZE,
+                        rec.upstream_service_time)
         head = rec.head
         self.istio.record(dest, rec.status, flags_mask(rec.flags), rec.duration_ms,
                           head.end + rec.bytes_received, rec.bytes_sent)

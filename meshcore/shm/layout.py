@@ -8,6 +8,7 @@ Rules of this module:
       [worker stats: workers x max_clusters x WORKER_ROW_SIZE (256 B)]
       [worker host stats: workers x max_hosts x HOST_STATS_ROW_SIZE (64 B)]
       [worker Istio metrics: workers x (64 B block header + istio_rows x ISTIO_ROW_SIZE (512 B))]
+      [worker cluster histograms: workers x max_clusters x CLUSTER_HIST_ROW_SIZE (192 B)]
 
   Every region and every row starts on a 64-byte boundary (one cache line), so no two rows share a
   line: a host row, a cluster row and each worker's stats row never false-share.
@@ -33,6 +34,9 @@ Rules of this module:
   and `istio_rows` rows of uint64 cells, each keyed by one bounded label set (destination id,
   response code, response flags) and holding the request count and the three Istio histograms.
   The last row is the overflow row.
+* Worker cluster histogram rows (one per worker per cluster, single writer): Envoy's
+  `upstream_rq_time` histogram (meshcore.metrics.istio's bucket bounds and cell order: bucket
+  counts, sum, count).
 * `H_DEST_ID` / `C_DEST_ID` (the same byte offset 60 in host and cluster rows): the Istio
   destination label-set id of the host (or of the cluster, for requests that never reached a
   host), written by the supervisor when it publishes a config (meshcore.metrics.labels).
@@ -53,7 +57,7 @@ __all__ = [
     "OUTLIER_STATS", "WORKER_CLUSTER_COUNTERS", "W_INDEX", "ACTIVE", "EJECTED",
     "Layout", "LayoutError", "Cell", "HostRow", "ClusterRow", "WorkerStatsRow",
     "HOST_STATS", "HOST_STATS_ROW_SIZE", "ISTIO_ROWS", "ISTIO_ROW_SIZE", "ISTIO_BLOCK_HEADER",
-    "H_DEST_ID", "C_DEST_ID",
+    "H_DEST_ID", "C_DEST_ID", "CLUSTER_HIST_ROW_SIZE",
 ]
 
 CACHE_LINE = 64
@@ -254,6 +258,7 @@ assert len(HOST_STATS) * 8 <= HOST_STATS_ROW_SIZE
 ISTIO_BLOCK_HEADER = 64
 ISTIO_ROW_SIZE = 512            # 64 uint64 cells
 ISTIO_ROWS = 512                # default rows per worker (the last one is the overflow row)
+CLUSTER_HIST_ROW_SIZE = 192     # 24 uint64 cells: 19 buckets, sum, count, 3 reserved
 
 
 class LayoutError(ValueError):
@@ -281,6 +286,8 @@ class Layout:
     host_stats_block: int = field(init=False)  # bytes of one worker's host stats (all hosts)
     istio_base: int = field(init=False)
     istio_block: int = field(init=False)    # bytes of one worker's Istio metrics block
+    cluster_hist_base: int = field(init=False)
+    cluster_hist_block: int = field(init=False)
     size: int = field(init=False)
 
     def __post_init__(self):
@@ -302,7 +309,9 @@ class Layout:
         host_stats_block = self.max_hosts * HOST_STATS_ROW_SIZE
         istio_base = host_stats_base + self.workers * host_stats_block
         istio_block = ISTIO_BLOCK_HEADER + self.istio_rows * ISTIO_ROW_SIZE
-        size = istio_base + self.workers * istio_block
+        cluster_hist_base = istio_base + self.workers * istio_block
+        cluster_hist_block = self.max_clusters * CLUSTER_HIST_ROW_SIZE
+        size = cluster_hist_base + self.workers * cluster_hist_block
         object.__setattr__(self, "host_base", host_base)
         object.__setattr__(self, "cluster_base", cluster_base)
         object.__setattr__(self, "worker_base", worker_base)
@@ -311,6 +320,8 @@ class Layout:
         object.__setattr__(self, "host_stats_block", host_stats_block)
         object.__setattr__(self, "istio_base", istio_base)
         object.__setattr__(self, "istio_block", istio_block)
+        object.__setattr__(self, "cluster_hist_base", cluster_hist_base)
+        object.__setattr__(self, "cluster_hist_block", cluster_hist_block)
         object.__setattr__(self, "size", size)
 
     # --- offsets (IndexError outside the geometry) ----------------------------------------------
@@ -353,6 +364,16 @@ class Layout:
             raise IndexError(f"worker {worker} out of range (workers={self.workers})")
         return self.istio_base + worker * self.istio_block
 
+    def cluster_hist_off(self, worker: int, cluster_slot: int) -> int:
+        """Byte offset of `worker`'s upstream_rq_time histogram row for `cluster_slot`."""
+        if not 0 <= worker < self.workers:
+            raise IndexError(f"worker {worker} out of range (workers={self.workers})")
+        if not 0 <= cluster_slot < self.max_clusters:
+            raise IndexError(f"cluster slot {cluster_slot} out of range "
+                             f"(max_clusters={self.max_clusters})")
+        return self.cluster_hist_base + worker * self.cluster_hist_block \
+            + cluster_slot * CLUSTER_HIST_ROW_SIZE
+
     # --- header ---------------------------------------------------------------------------------
     def pack_header(self, generation: int = 0) -> bytes:
         head = _HDR.pack(MAGIC, VERSION, HEADER_SIZE, generation, self.max_hosts,
@@ -394,7 +415,8 @@ class Layout:
              self.cluster_base + self.max_clusters * CLUSTER_ROW_SIZE),
             ("workers", self.worker_base, self.host_stats_base),
             ("host_stats", self.host_stats_base, self.istio_base),
-            ("istio", self.istio_base, self.size),
+            ("istio", self.istio_base, self.cluster_hist_base),
+            ("cluster_hist", self.cluster_hist_base, self.size),
         ]
 
 
