@@ -28,7 +28,8 @@ result and latency never depend on the mirror host being slow, dead, refusing or
 * `on_result(tag, status)` (optional) is called when a network copy ends: the response status, or
   0 for a failure (connect error, reset, protocol error, timeout). It lets the worker count mirror
   cluster stats; exceptions from it are swallowed. `on_connect(tag)` (optional) is called for
-  each connection a copy opens (the mirror cluster's upstream_cx_total).
+  each connection a copy opens (the mirror cluster's upstream_cx_total); `on_bytes(tag, sent,
+  received)` (optional) after each exchange that got a whole response (its byte counters).
 """
 from __future__ import annotations
 
@@ -152,7 +153,8 @@ class Mirror:
     def __init__(self, max_concurrent: int = 64, timeout: float = 5.0,
                  max_idle_per_target: int = 4, idle_timeout: float = 30.0,
                  on_result: Optional[Callable[[object, int], None]] = None,
-                 on_connect: Optional[Callable[[object], None]] = None):
+                 on_connect: Optional[Callable[[object], None]] = None,
+                 on_bytes: Optional[Callable[[object, int, int], None]] = None):
         if max_concurrent < 1:
             raise ValueError("max_concurrent must be >= 1")
         self.max_concurrent = max_concurrent
@@ -161,6 +163,7 @@ class Mirror:
         self.idle_timeout = idle_timeout
         self.on_result = on_result
         self.on_connect = on_connect
+        self.on_bytes = on_bytes
         # counters (read by the worker's stats)
         self.submitted = 0  # network copies accepted
         self.dropped = 0  # refused: max_concurrent copies already queued or in flight
@@ -336,7 +339,12 @@ class Mirror:
             try:
                 try:
                     await send_all(sock, payload)
-                    status, keep = await _read_response(sock, is_head)
+                    status, keep, received = await _read_response(sock, is_head)
+                    if self.on_bytes is not None:
+                        try:
+                            self.on_bytes(tag, len(payload), received)
+                        except Exception:
+                            pass
                 except _NoResponse:
                     if reused:
                         continue  # a stale pooled connection: once more on a fresh one
@@ -359,8 +367,9 @@ class _NoResponse(Exception):
 
 
 async def _read_response(sock, is_head: bool):
-    """Read one response to its end and discard it. Returns (status, reusable)."""
+    """Read one response to its end and discard it. Returns (status, reusable, bytes read)."""
     data = b""
+    got = 0
     try:
         chunk = await recv_later(sock)
     except OSError as exc:
@@ -368,6 +377,7 @@ async def _read_response(sock, is_head: bool):
     if not chunk:
         raise _NoResponse()
     while True:
+        got += len(chunk)
         data = data + chunk if data else chunk
         rhead = parse_response(data, 0)  # ProtocolError: a broken mirror host
         while rhead is not None and rhead.status < 200:
@@ -384,7 +394,7 @@ async def _read_response(sock, is_head: bool):
     kind, length = response_body_kind(rhead, is_head)
     pos = rhead.end
     if kind == BODY_NONE:
-        return status, rhead.keep_alive and len(data) == pos
+        return status, rhead.keep_alive and len(data) == pos, got
     if kind == BODY_LENGTH:
         left = length - (len(data) - pos)
         while left > 0:
@@ -392,7 +402,8 @@ async def _read_response(sock, is_head: bool):
             if not chunk:
                 raise _CopyFailed("closed inside the response body")
             left -= len(chunk)
-        return status, rhead.keep_alive and left == 0
+            got += len(chunk)
+        return status, rhead.keep_alive and left == 0, got
     if kind == BODY_CHUNKED:
         reader = ChunkedReader()
         buf = data
@@ -402,12 +413,15 @@ async def _read_response(sock, is_head: bool):
                 pos = b
                 continue
             if step == DONE:
-                return status, rhead.keep_alive and a == len(buf)
+                return status, rhead.keep_alive and a == len(buf), got
             chunk = await recv(sock)
             if not chunk:
                 raise _CopyFailed("closed inside the chunked body")
+            got += len(chunk)
             buf, pos = buf[a:] + chunk, 0
     # BODY_CLOSE: the body ends when the mirror host closes
-    while await recv(sock):
-        pass
-    return status, False
+    while True:
+        chunk = await recv(sock)
+        if not chunk:
+            return status, False, got
+        got += len(chunk)

@@ -42,7 +42,8 @@ from meshcore.policy.timeout import TIMEOUT_REQUEST_HEADERS, plan_deadlines, rou
 from meshcore.proto.wire import (BODY_CHUNKED, BODY_LENGTH, BODY_NONE, MAX_REQUEST_HEAD,
                                  MAX_REQUEST_LINE, parse_request, request_body_kind)
 from meshcore.routing.table import find_route, pick_destination
-from meshcore.shm.layout import (W_INDEX, W_UPSTREAM_CX_TOTAL, W_UPSTREAM_RQ_COMPLETED,
+from meshcore.shm.layout import (W_INDEX, W_UPSTREAM_CX_RX_BYTES_TOTAL, W_UPSTREAM_CX_TOTAL,
+                                 W_UPSTREAM_CX_TX_BYTES_TOTAL, W_UPSTREAM_RQ_COMPLETED,
                                  W_UPSTREAM_RQ_PENDING_OVERFLOW,
                                  W_UPSTREAM_RQ_RETRY_BACKOFF_EXPONENTIAL,
                                  W_UPSTREAM_RQ_RETRY_SUCCESS, W_UPSTREAM_RQ_RX_RESET,
@@ -109,7 +110,8 @@ class WorkerContext:
         self.draining = False
         self.connections = 0
         self.idle = {}  # cancel scope -> since when, of connections waiting for their next request
-        self.mirror = Mirror(on_result=_mirror_result, on_connect=_mirror_connect)
+        self.mirror = Mirror(on_result=_mirror_result, on_connect=_mirror_connect,
+                             on_bytes=_mirror_bytes)
         self.metrics = WorkerMetrics(segment, worker)
         self.install(snapshot, slots)
 
@@ -515,6 +517,13 @@ def _mirror_result(state, status: int) -> None:
         state.stats.inc(W_INDEX.get(f"upstream_rq_{status // 100}xx", W_UPSTREAM_RQ_TOTAL))
     else:
         state.stats.inc(W_UPSTREAM_RQ_RX_RESET)
+
+
+def _mirror_bytes(state, sent: int, received: int) -> None:
+    """A copy's bytes on the wire: the mirror cluster's upstream_cx_tx/rx_bytes_total."""
+    if state is not None:
+        state.stats.inc(W_UPSTREAM_CX_TX_BYTES_TOTAL, sent)
+        state.stats.inc(W_UPSTREAM_CX_RX_BYTES_TOTAL, received)
 
 
 def _mirror_connect(state) -> None:

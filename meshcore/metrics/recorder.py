@@ -8,7 +8,8 @@ Rules of this module:
   meshcore.metrics.istio.record cell for cell.
 * The shell calls:
   - `request_done(rec, clusters)` once per finished request, next to the access log (Istio
-    metrics, and the cluster's upstream_rq_time histogram when an upstream answered);
+    metrics; the cluster's final-response counters, `charge_final`; its upstream_rq_time
+    histogram when an upstream answered);
   - `attempt_done(host_slot, outcome, reused)` once per upstream attempt that picked a host
     (Envoy's per-host counters behind admin `/clusters`);
   - `downstream_open()` / `downstream_close()` per client connection (listener stats).
@@ -24,6 +25,8 @@ from meshcore.metrics.istio import IstioWriter, flags_mask, hist_record
 from meshcore.policy.classify import Kind
 from meshcore.shm.layout import (
     CLUSTER_HIST_ROW_SIZE,
+    W_INDEX,
+    W_UPSTREAM_RQ_COMPLETED,
     H_DEST_ID,
     HOST_STATS,
     HOST_STATS_ROW_SIZE,
@@ -35,7 +38,18 @@ from meshcore.shm.layout import (
     HS_RQ_TOTAL,
 )
 
-__all__ = ["WorkerMetrics", "host_attempt", "host_stats"]
+__all__ = ["WorkerMetrics", "host_attempt", "host_stats", "charge_final"]
+
+_CLASS_STAT = (None,) + tuple(W_INDEX[f"upstream_rq_{c}xx"] for c in range(1, 6))
+
+
+def charge_final(stats, status: int) -> None:
+    """Envoy's chargeUpstreamCode: the final response of a request routed to a cluster (an
+    upstream's, or the router's own local reply: UH, UO, UF, UT ...) counts once in
+    upstream_rq_completed and upstream_rq_<N>xx; retried attempts do not."""
+    if 100 <= status <= 599:
+        stats.inc(W_UPSTREAM_RQ_COMPLETED)
+        stats.inc(_CLASS_STAT[status // 100])
 
 _CONNECT_FAILED = (Kind.CONNECT_FAILURE, Kind.CONNECT_TIMEOUT)
 
@@ -88,6 +102,8 @@ class WorkerMetrics:
         if row is None and state is not None:
             row = state.row
         dest = self.cells.load32(row.off + H_DEST_ID) if row is not None else 0
+        if state is not None:
+            charge_final(state.stats, rec.status)
         if state is not None and rec.upstream_service_time is not None:
             # Envoy's upstream_rq_time: router start to the upstream response (retries included)
             hist_record(self.cells, self.hist_base + state.row.slot * CLUSTER_HIST_ROW_SIZE,

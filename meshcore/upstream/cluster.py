@@ -25,9 +25,6 @@ from meshcore.upstream.ring import pick_excluding
 MAX_IDLE_PER_ENDPOINT = 64
 PENDING_POLL = 0.02  # a pending request re-checks the shared connection limit this often
 
-_STATUS_CLASS = {1: L.W_INDEX["upstream_rq_1xx"], 2: L.W_INDEX["upstream_rq_2xx"],
-                 3: L.W_INDEX["upstream_rq_3xx"], 4: L.W_INDEX["upstream_rq_4xx"],
-                 5: L.W_INDEX["upstream_rq_5xx"]}
 _FAILURE_STAT = {Kind.CONNECT_FAILURE: L.W_UPSTREAM_CX_CONNECT_FAIL,
                  Kind.CONNECT_TIMEOUT: L.W_UPSTREAM_CX_CONNECT_TIMEOUT,
                  Kind.PER_TRY_TIMEOUT: L.W_UPSTREAM_RQ_PER_TRY_TIMEOUT,
@@ -154,10 +151,9 @@ class ClusterState:
         breaker.release(self.row.rq_retry_active)
 
     def try_connection(self) -> bool:
-        if breaker.try_acquire(self.row.cx_active, self.limits.max_connections):
-            return True
-        self.stats.inc(L.W_UPSTREAM_CX_OVERFLOW)
-        return False
+        # upstream_cx_overflow is counted by wait_pending, as Envoy counts it: only for a
+        # request that then waits; one refused by the pending limit counts pending_overflow only
+        return breaker.try_acquire(self.row.cx_active, self.limits.max_connections)
 
     async def wait_pending(self, ep: int, checkout):
         """Wait as a pending request for a connection to `ep`: an idle one of this worker, or
@@ -166,6 +162,7 @@ class ClusterState:
         if not breaker.try_acquire(self.row.rq_pending, self.limits.max_pending_requests):
             self.stats.inc(L.W_UPSTREAM_RQ_PENDING_OVERFLOW)
             return None
+        self.stats.inc(L.W_UPSTREAM_CX_OVERFLOW)
         self.stats.inc(L.W_UPSTREAM_RQ_PENDING_TOTAL)
         try:
             while True:
@@ -206,11 +203,9 @@ class ClusterState:
         """One attempt on endpoint `ep` ended with `outcome` (meshcore.policy.classify)."""
         stats = self.stats
         if outcome.kind is Kind.RESPONSE:
+            # upstream_rq_completed and upstream_rq_<N>xx are Envoy's per-request charges of the
+            # final response (local replies included): meshcore.metrics.recorder.request_done
             stats.inc(L.W_UPSTREAM_RQ_TOTAL)
-            stats.inc(L.W_UPSTREAM_RQ_COMPLETED)
-            cls = _STATUS_CLASS.get(outcome.status // 100)
-            if cls is not None:
-                stats.inc(cls)
         elif outcome.kind is not Kind.OVERFLOW:
             stat = _FAILURE_STAT.get(outcome.kind)
             if stat is not None:
