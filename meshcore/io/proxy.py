@@ -16,6 +16,7 @@ complete.
 from __future__ import annotations
 
 import math
+import os
 import random
 import socket
 import sys
@@ -31,7 +32,7 @@ from meshcore.io.mirror import Mirror, MirrorTarget
 from meshcore.io.sockets import recv, recv_later, send_all
 from meshcore.io.upstream import (OVERFLOW, PER_TRY_TIMEOUT, Attempt, exchange, relay_response,
                                   release)
-from meshcore.metrics.recorder import WorkerMetrics
+from meshcore.metrics.recorder import worker_metrics
 from meshcore.policy.classify import Kind
 from meshcore.policy.fault import DELAY_FLAG, decide_fault
 from meshcore.policy.mirror import should_mirror
@@ -112,7 +113,7 @@ class WorkerContext:
         self.idle = {}  # cancel scope -> since when, of connections waiting for their next request
         self.mirror = Mirror(on_result=_mirror_result, on_connect=_mirror_connect,
                              on_bytes=_mirror_bytes)
-        self.metrics = WorkerMetrics(segment, worker)
+        self.metrics = worker_metrics(segment, worker, os.environ)
         self.install(snapshot, slots)
 
     def install(self, snapshot, slots) -> None:

@@ -38,7 +38,8 @@ from meshcore.shm.layout import (
     HS_RQ_TOTAL,
 )
 
-__all__ = ["WorkerMetrics", "host_attempt", "host_stats", "charge_final"]
+__all__ = ["WorkerMetrics", "NullMetrics", "worker_metrics", "host_attempt", "host_stats",
+           "charge_final"]
 
 _CLASS_STAT = (None,) + tuple(W_INDEX[f"upstream_rq_{c}xx"] for c in range(1, 6))
 
@@ -121,3 +122,30 @@ class WorkerMetrics:
 
     def downstream_close(self) -> None:
         self.istio.downstream_close()
+
+
+class NullMetrics:
+    """Records nothing: MESHCORE_METRICS=off, a developer aid to measure what recording costs
+    (Envoy cluster counters kept by the cores still count; the Istio metrics, per-host counters,
+    final-response charges and upstream_rq_time stay empty)."""
+
+    __slots__ = ()
+
+    def request_done(self, rec, clusters) -> None:
+        pass
+
+    def attempt_done(self, host_slot: int, outcome, reused: bool) -> None:
+        pass
+
+    def downstream_open(self) -> None:
+        pass
+
+    def downstream_close(self) -> None:
+        pass
+
+
+def worker_metrics(segment, worker: int, environ=None):
+    """The worker's recorder; NullMetrics when `environ["MESHCORE_METRICS"] == "off"`."""
+    if (environ or {}).get("MESHCORE_METRICS") == "off":
+        return NullMetrics()
+    return WorkerMetrics(segment, worker)
