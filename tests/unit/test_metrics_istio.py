@@ -262,3 +262,15 @@ def test_istio_baseline_subtracts_per_row():
     lines = render_istio(series, DestinationRegistry(), source_identity(environ={}), base)
     total = [l for l in lines if l.startswith("istio_requests_total{")]
     assert len(total) == 1 and total[0].endswith(" 1")
+
+
+def test_istio_label_names_in_istio_order():
+    from meshcore.metrics.prometheus import ISTIO_LABELS
+    lay = Layout(1, 1, 1, istio_rows=4)
+    cells = cells_for(lay)
+    I.IstioWriter(cells, lay, 0).record(0, 200, 0, 1, 1, 1)
+    series, _, _, _ = I.collect(cells, lay)
+    line = [l for l in render_istio(series, DestinationRegistry(), source_identity(environ={}))
+            if l.startswith("istio_requests_total{")][0]
+    names = [pair.split("=")[0] for pair in line[line.index("{") + 1:line.rindex("}")].split('",')]
+    assert tuple(names) == ISTIO_LABELS
