@@ -59,6 +59,7 @@ import socket as _socket
 import traceback as _traceback
 
 from meshcore import local_reply as _lr
+from meshcore.metrics import istio as _istio
 from meshcore.policy.classify import Kind as _Kind
 from meshcore.shm import layout as _layout
 
@@ -223,6 +224,56 @@ cdef int C_RQ_ACTIVE = _layout.C_RQ_ACTIVE
 cdef int C_EJECTIONS_ACTIVE = _layout.C_EJECTIONS_ACTIVE
 cdef int H_PAIR = _layout.H_CONSECUTIVE_5XX  # the aligned (5xx, gateway) counter pair
 cdef int H_LOCAL_ORIGIN = _layout.H_CONSECUTIVE_LOCAL_ORIGIN
+cdef int H_DEST_ID = _layout.H_DEST_ID
+cdef int C_DEST_ID = _layout.C_DEST_ID
+cdef int W_RQ_RETRY_BACKOFF = _layout.W_INDEX["upstream_rq_retry_backoff_exponential"]
+# Per-host counters of a worker (admin /clusters), meshcore.metrics.recorder.host_attempt's rules.
+cdef int HS_CX_TOTAL = _layout.HS_CX_TOTAL
+cdef int HS_CX_CONNECT_FAIL = _layout.HS_CX_CONNECT_FAIL
+cdef int HS_RQ_TOTAL = _layout.HS_RQ_TOTAL
+cdef int HS_RQ_SUCCESS = _layout.HS_RQ_SUCCESS
+cdef int HS_RQ_ERROR = _layout.HS_RQ_ERROR
+cdef int HS_RQ_TIMEOUT = _layout.HS_RQ_TIMEOUT
+# Istio's standard metrics: one worker block of rows keyed by (destination, code, flags); the
+# cell layout and the reference writer are meshcore.metrics.istio (record, hist_record).
+cdef int IB_ROWS_USED = _istio.B_ROWS_USED
+cdef int IB_OVERFLOW = _istio.B_OVERFLOW
+cdef int IB_CX_TOTAL = _istio.B_DOWNSTREAM_CX_TOTAL
+cdef int IB_CX_ACTIVE = _istio.B_DOWNSTREAM_CX_ACTIVE
+cdef int IR_KEY = _istio.R_KEY
+cdef int IR_REQUESTS = _istio.R_REQUESTS
+cdef int IR_DURATION = _istio.R_DURATION
+cdef int IR_DURATION_SUM = _istio.R_DURATION_SUM
+cdef int IR_REQUEST_BYTES = _istio.R_REQUEST_BYTES
+cdef int IR_REQUEST_BYTES_SUM = _istio.R_REQUEST_BYTES_SUM
+cdef int IR_RESPONSE_BYTES = _istio.R_RESPONSE_BYTES
+cdef int IR_RESPONSE_BYTES_SUM = _istio.R_RESPONSE_BYTES_SUM
+cdef int IH_SUM = _istio.H_SUM
+cdef int IH_COUNT = _istio.H_COUNT
+cdef Py_ssize_t ISTIO_BLOCK_HEADER = _layout.ISTIO_BLOCK_HEADER
+cdef Py_ssize_t ISTIO_ROW_SIZE = _layout.ISTIO_ROW_SIZE
+cdef uint64_t OVERFLOW_KEY = _istio.OVERFLOW_KEY
+cdef int NB = _istio.NB
+cdef double BUCKETS[32]
+for _i, _b in enumerate(_istio.BUCKETS):
+    BUCKETS[_i] = _b
+cdef object _flags_mask = _istio.flags_mask
+
+
+cdef inline int bucket_of(double v) noexcept nogil:
+    """bisect_left(BUCKETS, v): the first bucket whose bound is >= v (NB: above them all)."""
+    cdef int lo = 0, hi = NB, mid
+    while lo < hi:
+        mid = (lo + hi) >> 1
+        if BUCKETS[mid] < v:
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo
+
+
+cdef inline void inc64(char* p, uint64_t n) noexcept nogil:
+    (<uint64_t*>p)[0] += n
 
 # Outcome kinds, from the one classifier (meshcore.policy.classify.Kind).
 cdef int K_RESPONSE = _Kind.RESPONSE
@@ -361,6 +412,13 @@ cdef class Loop:
     cdef int bug_reports
     cdef double bug_window
     cdef TimerFd timer_handle
+    # metrics (meshcore.metrics): this worker's Istio block and its key -> row index
+    cdef public bint metrics
+    cdef char* istio
+    cdef Py_ssize_t istio_rows
+    cdef uint64_t* ikeys              # open addressing; OVERFLOW_KEY marks an empty slot
+    cdef Py_ssize_t* ioffs
+    cdef Py_ssize_t icap
 
     def __cinit__(self):
         self.epfd = -1
@@ -412,6 +470,8 @@ cdef class Loop:
 
     def __dealloc__(self):
         buf_free(&self.logbuf)
+        free(self.ikeys)
+        free(self.ioffs)
         if self.shm_held:
             PyBuffer_Release(&self.shm_view)
         free(self.scratch)
@@ -435,6 +495,109 @@ cdef class Loop:
         PyObject_GetBuffer(buf, &self.shm_view, PyBUF_WRITABLE)
         self.shm_held = True
         self.shm = <char*>self.shm_view.buf
+
+    def setup_metrics(self, Py_ssize_t istio_off, Py_ssize_t istio_rows):
+        """Record Istio's metrics, per-host counters and final-response charges (off unless
+        called): `istio_off` is this worker's Istio block in the shared memory. Rows a previous
+        process of this worker wrote are adopted, so counters never go backwards."""
+        cdef Py_ssize_t r, used, off
+        if self.shm == NULL:
+            raise ValueError("attach_shm() first")
+        self.istio = self.shm + istio_off
+        self.istio_rows = istio_rows
+        self.icap = 16
+        while self.icap < 2 * istio_rows:
+            self.icap *= 2
+        free(self.ikeys)
+        free(self.ioffs)
+        self.ikeys = <uint64_t*>malloc(self.icap * sizeof(uint64_t))
+        self.ioffs = <Py_ssize_t*>malloc(self.icap * sizeof(Py_ssize_t))
+        if self.ikeys == NULL or self.ioffs == NULL:
+            raise MemoryError()
+        for r in range(self.icap):
+            self.ikeys[r] = OVERFLOW_KEY
+        used = <Py_ssize_t>(<uint64_t*>(self.istio + 8 * IB_ROWS_USED))[0]
+        if used > istio_rows - 1:
+            used = istio_rows - 1
+        for r in range(used):
+            off = ISTIO_BLOCK_HEADER + r * ISTIO_ROW_SIZE
+            self.index_put((<uint64_t*>(self.istio + off + 8 * IR_KEY))[0], off)
+        self.metrics = True
+
+    def record_istio(self, uint64_t dest, int code, uint32_t flags, long long duration_ms,
+                     long long request_bytes, long long response_bytes):
+        """One request into the Istio block, exactly as the loop records it (for tests that
+        compare it with meshcore.metrics.istio.record)."""
+        self.istio_record(dest, code, flags, duration_ms, request_bytes, response_bytes)
+
+    cdef void index_put(self, uint64_t key, Py_ssize_t off) noexcept:
+        cdef Py_ssize_t i = <Py_ssize_t>((key * 0x9E3779B97F4A7C15ULL) >> 40) & (self.icap - 1)
+        while self.ikeys[i] != OVERFLOW_KEY and self.ikeys[i] != key:
+            i = (i + 1) & (self.icap - 1)
+        self.ikeys[i] = key
+        self.ioffs[i] = off
+
+    cdef Py_ssize_t index_get(self, uint64_t key) noexcept:
+        cdef Py_ssize_t i = <Py_ssize_t>((key * 0x9E3779B97F4A7C15ULL) >> 40) & (self.icap - 1)
+        while self.ikeys[i] != OVERFLOW_KEY:
+            if self.ikeys[i] == key:
+                return self.ioffs[i]
+            i = (i + 1) & (self.icap - 1)
+        return -1
+
+    cdef void istio_record(self, uint64_t dest, int code, uint32_t flags, long long duration,
+                           long long request_bytes, long long response_bytes) noexcept:
+        """meshcore.metrics.istio.record, cell for cell, on this worker's block."""
+        cdef uint64_t key
+        cdef Py_ssize_t off, used
+        cdef char* b = self.istio
+        cdef char* row
+        cdef int i
+        if code < 0 or code > 999:
+            code = 0
+        key = (dest & 0x3FFFFF) << 42 | (<uint64_t>flags) << 10 | <uint64_t>code
+        off = self.index_get(key)
+        if off < 0:
+            used = <Py_ssize_t>mc_load64(b + 8 * IB_ROWS_USED)
+            if used >= self.istio_rows - 1:  # full: the last row takes the rest, counted
+                inc64(b + 8 * IB_OVERFLOW, 1)
+                off = ISTIO_BLOCK_HEADER + (self.istio_rows - 1) * ISTIO_ROW_SIZE
+                if mc_load64(b + off + 8 * IR_KEY) != OVERFLOW_KEY:
+                    mc_store64(b + off + 8 * IR_KEY, OVERFLOW_KEY)
+            else:
+                off = ISTIO_BLOCK_HEADER + used * ISTIO_ROW_SIZE
+                mc_store64(b + off + 8 * IR_KEY, key)  # the key first, then publish the row
+                mc_store64(b + 8 * IB_ROWS_USED, used + 1)
+                self.index_put(key, off)
+        row = b + off
+        inc64(row + 8 * IR_REQUESTS, 1)
+        if duration < 0:
+            duration = 0
+        i = bucket_of(<double>duration)
+        if i < NB:
+            inc64(row + 8 * (IR_DURATION + i), 1)
+        if duration:
+            inc64(row + 8 * IR_DURATION_SUM, duration)
+        i = bucket_of(<double>request_bytes)
+        if i < NB:
+            inc64(row + 8 * (IR_REQUEST_BYTES + i), 1)
+        if request_bytes:
+            inc64(row + 8 * IR_REQUEST_BYTES_SUM, request_bytes)
+        i = bucket_of(<double>response_bytes)
+        if i < NB:
+            inc64(row + 8 * (IR_RESPONSE_BYTES + i), 1)
+        if response_bytes:
+            inc64(row + 8 * IR_RESPONSE_BYTES_SUM, response_bytes)
+
+    cdef void downstream_cx(self, int delta) noexcept:
+        cdef char* b = self.istio
+        if not self.metrics:
+            return
+        if delta > 0:
+            inc64(b + 8 * IB_CX_TOTAL, 1)
+            inc64(b + 8 * IB_CX_ACTIVE, 1)
+        elif (<uint64_t*>(b + 8 * IB_CX_ACTIVE))[0]:
+            (<uint64_t*>(b + 8 * IB_CX_ACTIVE))[0] -= 1
 
     def add_listener(self, sock):
         """Serve a listening socket (its fd is duplicated; the caller may close its object)."""
@@ -932,6 +1095,7 @@ cdef class Listener(Handle):
             d.last_active = mono()
             loop.conns.add(d)
             loop.register(d, EPOLLIN)
+            loop.downstream_cx(1)
         return 0
 
     cdef int on_timer(self, int kind) except -1:
@@ -1177,6 +1341,7 @@ cdef class DConn(Handle):
         buf_free(&self.out)
         self.stream = None
         self.loop.conns.discard(self)
+        self.loop.downstream_cx(-1)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -1384,6 +1549,8 @@ cdef class ClusterHandle:
     cdef char* stats                  # this worker's stats row
     cdef char* crow                   # the cluster's breaker row
     cdef char** hosts                 # host rows
+    cdef char** host_stats            # this worker's per-host counter rows (NULL: not kept)
+    cdef char* hist                   # this worker's upstream_rq_time histogram row (or NULL)
     cdef uint32_t max_connections, max_pending, max_requests
     cdef double connect_timeout
     cdef double idle_timeout
@@ -1396,12 +1563,17 @@ cdef class ClusterHandle:
         self.addrs = NULL
         self.addr_lens = NULL
         self.hosts = NULL
+        self.host_stats = NULL
+        self.hist = NULL
 
     def __init__(self, Loop loop, name, endpoints, *, Py_ssize_t stats_off, Py_ssize_t cluster_off,
                  host_offs, limits=(UNLIMITED, UNLIMITED, UNLIMITED), double connect_timeout=10.0,
                  double idle_timeout=3600.0, int max_requests_per_connection=0,
-                 bint outlier=False, bint outlier_split=False, Py_ssize_t max_idle=64):
-        """`endpoints`: (address, port, key) per endpoint; offsets are into the loop's shm."""
+                 bint outlier=False, bint outlier_split=False, Py_ssize_t max_idle=64,
+                 host_stat_offs=None, Py_ssize_t hist_off=-1):
+        """`endpoints`: (address, port, key) per endpoint; offsets are into the loop's shm
+        (`host_stat_offs`/`hist_off`: this worker's per-host counters and upstream_rq_time
+        histogram, kept when the loop records metrics)."""
         cdef Py_ssize_t i
         cdef object info
         import collections
@@ -1414,6 +1586,14 @@ cdef class ClusterHandle:
         self.hosts = <char**>malloc((self.n or 1) * sizeof(char*))
         if self.addrs == NULL or self.addr_lens == NULL or self.hosts == NULL:
             raise MemoryError()
+        if host_stat_offs is not None:
+            self.host_stats = <char**>malloc((self.n or 1) * sizeof(char*))
+            if self.host_stats == NULL:
+                raise MemoryError()
+            for i in range(self.n):
+                self.host_stats[i] = loop.shm + <Py_ssize_t>host_stat_offs[i]
+        if hist_off >= 0:
+            self.hist = loop.shm + hist_off
         self.keys = []
         if loop.shm == NULL:
             raise ValueError("attach_shm() the loop before building cluster handles")
@@ -1437,6 +1617,7 @@ cdef class ClusterHandle:
         free(self.addrs)
         free(self.addr_lens)
         free(self.hosts)
+        free(self.host_stats)
 
     def rq_active(self, int ep):
         """Active requests of this worker on endpoint `ep` (the least-request balancer reads it)."""
@@ -1479,6 +1660,46 @@ cdef class ClusterHandle:
         cdef void* p = self.crow + off
         if mc_add32(p, -1) == 0:
             mc_add32(p, 1)  # never wrap below zero
+
+    cdef void host_attempt(self, int ep, int kind, int status, bint reused) noexcept:
+        """meshcore.metrics.recorder.host_attempt: one attempt in the host's counters."""
+        cdef char* h
+        if self.host_stats == NULL or ep < 0 or kind == K_OVERFLOW:
+            return
+        h = self.host_stats[ep]
+        if not reused:
+            inc64(h + 8 * HS_CX_TOTAL, 1)
+        if kind == K_RESPONSE:
+            inc64(h + 8 * HS_RQ_TOTAL, 1)
+            inc64(h + 8 * (HS_RQ_ERROR if status >= 500 else HS_RQ_SUCCESS), 1)
+        elif kind == K_CONNECT_FAILURE or kind == K_CONNECT_TIMEOUT:
+            inc64(h + 8 * HS_CX_CONNECT_FAIL, 1)
+        elif kind == K_PER_TRY_TIMEOUT:
+            inc64(h + 8 * HS_RQ_TOTAL, 1)
+            inc64(h + 8 * HS_RQ_TIMEOUT, 1)
+        else:  # reset before a response, protocol error
+            inc64(h + 8 * HS_RQ_TOTAL, 1)
+            inc64(h + 8 * HS_RQ_ERROR, 1)
+
+    cdef void charge_final(self, int status) noexcept:
+        """Envoy's chargeUpstreamCode: the final response of a routed request (an upstream's or
+        the router's own local reply) counts once in upstream_rq_completed and _<N>xx."""
+        if 100 <= status <= 599:
+            self.stat(W_RQ_COMPLETED, 1)
+            self.stat(W_RQ_1XX + status // 100 - 1, 1)
+
+    cdef void hist_record(self, long long value) noexcept:
+        """meshcore.metrics.istio.hist_record: one upstream_rq_time value (ms)."""
+        cdef char* h = self.hist
+        cdef int i
+        if h == NULL:
+            return
+        i = bucket_of(<double>value)
+        if i < NB:
+            inc64(h + 8 * i, 1)
+        if value > 0:
+            inc64(h + 8 * IH_SUM, value)
+        inc64(h + 8 * IH_COUNT, 1)
 
     cdef void outlier_success(self, int ep) noexcept:
         """meshcore.upstream.outlier.on_result for a success, the hot half in C."""
@@ -1968,11 +2189,12 @@ cdef class Stream(Handle):
             return self.attach(u, True)
         if c.try_acquire(C_CX_ACTIVE, c.max_connections):
             return self.connect_new()
-        c.stat(W_CX_OVERFLOW, 1)
-        # Over maxConnections: wait as a pending request, or overflow at once.
+        # Over maxConnections: wait as a pending request, or overflow at once. Envoy counts
+        # upstream_cx_overflow only for a request that then waits.
         if not c.try_acquire(C_RQ_PENDING, c.max_pending):
             c.stat(W_RQ_PENDING_OVERFLOW, 1)
             return self.on_attempt_failed(K_OVERFLOW)
+        c.stat(W_CX_OVERFLOW, 1)
         c.stat(W_RQ_PENDING_TOTAL, 1)
         self.state = ST_PENDING
         c.pending.append(self)
@@ -2062,6 +2284,8 @@ cdef class Stream(Handle):
         """The attempt ended without a response head."""
         self.drop_upstream()
         self.end_attempt()
+        if self.loop.metrics and not self.shadow:
+            self.cluster.host_attempt(self.ep, kind, 0, self.a_reused)
         if self.shadow:
             if kind == K_RESET and self.a_reused and not self.a_got and self.attempt == 1:
                 # a pooled connection the peer had closed: once more on a fresh one
@@ -2225,14 +2449,13 @@ cdef class Stream(Handle):
             self.status = status
             self.state = ST_RELAY
             return 0
+        if self.loop.metrics:
+            c.host_attempt(self.ep, K_RESPONSE, status, self.a_reused)
         if self.needs_policy(rh):
             if self.ask_policy(K_RESPONSE, status) != A_RELAY:
                 return 0
         else:
             c.stat(W_RQ_TOTAL, 1)
-            c.stat(W_RQ_COMPLETED, 1)
-            if 100 <= status < 600:
-                c.stat(W_RQ_1XX + status // 100 - 1, 1)
             if c.outlier:
                 c.outlier_success(self.ep)
         return self.relay_head(u)
@@ -2372,6 +2595,8 @@ cdef class Stream(Handle):
         self.cancel_timers()
         if self.ctx is not None:
             self.loop.policy.finished(self)
+        if self.loop.metrics:
+            self.record_metrics()
         self.log()
         buf_free(&self.body)
         buf_free(&self.head_base)
@@ -2390,8 +2615,7 @@ cdef class Stream(Handle):
         self.cancel_timers()
         if self.status:
             c.stat(W_RQ_TOTAL, 1)
-            if 100 <= self.status < 600:
-                c.stat(W_RQ_1XX + self.status // 100 - 1, 1)
+            c.charge_final(self.status)
         buf_free(&self.body)
         buf_free(&self.head_base)
         self.loop.shadows.discard(self)
@@ -2430,6 +2654,8 @@ cdef class Stream(Handle):
         self.cancel_timers()
         if self.ctx is not None:
             self.loop.policy.finished(self)
+        if self.loop.metrics:
+            self.record_metrics()
         self.log()
         buf_free(&self.body)
         buf_free(&self.head_base)
@@ -2439,6 +2665,29 @@ cdef class Stream(Handle):
         if self.ds is not None:
             return self.ds.on_error()
         return self.finish_shadow()
+
+    # -- metrics ----------------------------------------------------------------------------
+
+    cdef int record_metrics(self) except -1:
+        """meshcore.metrics.recorder.request_done: the cluster's final-response charge, its
+        upstream_rq_time, and the request in Istio's metrics."""
+        cdef ClusterHandle c = self.cluster
+        cdef uint64_t dest = 0
+        cdef uint32_t mask = 0
+        cdef str flags = self.flags
+        if c is not None:
+            c.charge_final(self.status)
+            if self.service_ms >= 0:
+                c.hist_record(self.service_ms)
+            if self.ep >= 0:
+                dest = mc_load32(c.hosts[self.ep] + H_DEST_ID)
+            else:
+                dest = mc_load32(c.crow + C_DEST_ID)
+        if flags is not None and not (len(flags) == 1 and flags[0] == "-"):
+            mask = _flags_mask(flags)
+        self.loop.istio_record(dest, self.status, mask, <long long>((mono() - self.t_start) * 1000),
+                               self.head._end + self.body_received, self.bytes_sent)
+        return 0
 
     # -- access log -------------------------------------------------------------------------
 

@@ -1,4 +1,4 @@
-"""Command line: `python -m meshcore run|check|demo`.
+"""Command line: `python -m meshcore run|check|demo|top`.
 
 The flag names of `run` (--config, --listen, --admin, --workers) are a fixed interface.
 """
@@ -17,6 +17,13 @@ def _hostport(text: str):
         return parse_hostport(text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _optional_hostport(text: str):
+    """HOST:PORT, or `off` (None)."""
+    if text.strip().lower() in ("off", "none", "disabled", ""):
+        return None
+    return _hostport(text)
 
 
 def _positive_int(text: str) -> int:
@@ -42,6 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
                    add_help=False)
     sub.add_parser("replay", help="replay a capture file: replay FILE --to HOST:PORT [--rate R]",
                    add_help=False)
+    sub.add_parser("top", help="live per-cluster and per-endpoint view of a running proxy: "
+                   "top [--admin HOST:PORT] (default 127.0.0.1:15000)", add_help=False)
     return parser
 
 
@@ -62,6 +71,35 @@ def _add_run_flags(p, config_required=True):
                    help="408 and close when a request head takes longer (slowloris defence)")
     p.add_argument("--admin-unsafe", action="store_true",
                    help="allow a non-loopback admin address")
+    _add_observability_flags(p)
+
+
+def _add_observability_flags(p):
+    p.add_argument("--prometheus", type=_optional_hostport, default=("0.0.0.0", 15090),
+                   metavar="HOST:PORT|off",
+                   help="serve GET /stats/prometheus here (Istio's merged metrics port); 'off' "
+                        "turns it off (default 0.0.0.0:15090; the admin port serves it too)")
+    p.add_argument("--workload-name", default=None, metavar="NAME",
+                   help="source_workload of the Istio metrics (default: $ISTIO_META_WORKLOAD_NAME,"
+                        " else $POD_NAME without its pod suffixes, else unknown)")
+    p.add_argument("--namespace", default=os.environ.get("POD_NAMESPACE") or "default",
+                   metavar="NS", help="this workload's namespace (default: $POD_NAMESPACE, else "
+                                      "default)")
+    p.add_argument("--app", default=None, metavar="APP",
+                   help="source_app of the Istio metrics (default: the app label in "
+                        "$ISTIO_METAJSON_LABELS, else unknown)")
+    p.add_argument("--version", dest="workload_version", default=None, metavar="VERSION",
+                   help="source_version of the Istio metrics (default: the version label in "
+                        "$ISTIO_METAJSON_LABELS, else unknown)")
+    p.add_argument("--access-log-encoding", choices=("text", "json"), default="text",
+                   help="access log encoding, as Istio's meshConfig.accessLogEncoding "
+                        "(default text; json uses Istio's JSON field names)")
+    p.add_argument("--access-log-file", default="/dev/stdout", metavar="PATH",
+                   help="access log file, appended to (default /dev/stdout)")
+    p.add_argument("--access-log-format", default=None, metavar="FORMAT",
+                   help="access log format from Envoy command operators, e.g. "
+                        "'%%START_TIME% %%RESPONSE_CODE%%\n' (default: Istio's text format; with "
+                        "json encoding, Istio's JSON fields)")
 
 
 def cmd_check(paths) -> int:
@@ -99,9 +137,37 @@ def cmd_run(args) -> int:
         return 2
     options = {"access_log": not args.no_access_log, "use_remote_address": args.use_remote_address,
                "request_headers_timeout": args.request_headers_timeout}
+    problem = _observability_options(args, options)
+    if problem:
+        print(f"meshcore: {problem}", file=sys.stderr)
+        return 2
     sup = Supervisor(args.config, args.listen, args.admin, args.workers, options,
                      grace=args.drain_grace, watch=not args.no_watch)
     return sup.run()
+
+
+def _observability_options(args, options: dict) -> str | None:
+    """Add the metrics and access-log options; returns a problem to report, or None."""
+    from meshcore.accesslog import AccessLogFormatError, compile_format
+    from meshcore.metrics.labels import source_identity
+    options["prometheus"] = args.prometheus
+    options["source"] = source_identity(args.workload_name, args.namespace, args.app,
+                                        args.workload_version, environ=os.environ)
+    options["argv"] = ["meshcore"] + list(sys.argv[1:])
+    options["access_log_encoding"] = args.access_log_encoding
+    options["access_log_file"] = args.access_log_file
+    options["access_log_format"] = args.access_log_format
+    try:
+        compile_format(args.access_log_format, args.access_log_encoding)
+    except AccessLogFormatError as exc:
+        return f"--access-log-format: {exc}"
+    if args.access_log_file not in ("/dev/stdout", "-"):
+        try:
+            with open(args.access_log_file, "a"):
+                pass
+        except OSError as exc:
+            return f"--access-log-file: cannot open {args.access_log_file}: {exc.strerror}"
+    return None
 
 
 def cmd_bench(argv) -> int:
@@ -121,6 +187,9 @@ def main(argv=None) -> int:
     if argv and argv[0] == "replay":
         from meshcore.replay import main as replay_main
         return replay_main(argv[1:])
+    if argv and argv[0] == "top":
+        from meshcore.top import main as top_main
+        return top_main(argv[1:])
     args = build_parser().parse_args(argv)
     if args.command == "check":
         return cmd_check(args.paths)

@@ -1,4 +1,5 @@
-"""Envoy-style plain-text `/stats` from the shared-memory segment (T1: reads cells, no I/O).
+"""Envoy-style plain-text `/stats` and `/clusters` from the shared-memory segment (T1: reads
+cells, no I/O).
 
 Rules of this module:
 
@@ -21,6 +22,8 @@ from __future__ import annotations
 from typing import NamedTuple
 
 from meshcore.shm.layout import (
+    H_CX_ACTIVE,
+    H_RQ_ACTIVE,
     C_CX_ACTIVE,
     C_RQ_ACTIVE,
     C_RQ_PENDING,
@@ -31,7 +34,8 @@ from meshcore.shm.layout import (
     WORKER_CLUSTER_COUNTERS,
 )
 
-__all__ = ["StatsCluster", "cluster_stats", "render_stats"]
+__all__ = ["StatsCluster", "cluster_stats", "render_stats", "HostView", "ClusterView",
+           "cluster_views", "render_clusters_text", "render_clusters_json"]
 
 _UNLIMITED = 4294967295
 _OUTLIER_OFF = {name: 4 * CLUSTER_FIELDS.index(name) for name in OUTLIER_STATS}
@@ -102,3 +106,129 @@ def render_stats(source, clusters, now_ms: int = 0, *, layout=None) -> str:
     lines.sort()
     return "".join(f"{name}: {value}\n" for name, value in lines)
 
+
+
+# ------------------------------------------------------------------------------------------------
+# Admin /clusters: Envoy's text ("<cluster>::<host>::<stat>::<value>") and JSON shapes.
+
+class HostView(NamedTuple):
+    address: str
+    port: int
+    weight: int
+    stats: dict                    # HOST_STATS counters summed over workers
+    cx_active: int
+    rq_active: int
+    ejection_left_ms: int          # 0: not ejected (or the ejection already expired)
+
+
+class ClusterView(NamedTuple):
+    name: str
+    limits: tuple                  # (max_connections, max_pending, max_requests, max_retries)
+    hosts: tuple
+
+
+_ENVOY_HIGH_PRIORITY = (1024, 1024, 1024, 3)  # Envoy's defaults; Istio sets only "default"
+
+
+def cluster_views(cells, layout, clusters, now_ms: int) -> list[ClusterView]:
+    """`clusters`: (name, ClusterPolicy, (cluster slot, host slots)) triples."""
+    from meshcore.metrics.recorder import host_stats  # the per-host counters live there
+    out = []
+    for name, policy, (_, hslots) in clusters:
+        lim = policy.limits
+        limits = tuple(getattr(lim, f, _UNLIMITED) for f in (
+            "max_connections", "max_pending_requests", "max_requests", "max_retries"))
+        hosts = []
+        for ep, slot in zip(policy.endpoints, hslots):
+            ho = layout.host_off(slot)
+            until = cells.load64(ho + H_STATE)
+            hosts.append(HostView(ep.address, ep.port, ep.weight, host_stats(cells, layout, slot),
+                                  cells.load32(ho + H_CX_ACTIVE), cells.load32(ho + H_RQ_ACTIVE),
+                                  max(0, until - now_ms) if until else 0))
+        out.append(ClusterView(name, limits, tuple(hosts)))
+    return out
+
+
+def _host_key(h: HostView) -> str:
+    return f"[{h.address}]:{h.port}" if ":" in h.address else f"{h.address}:{h.port}"
+
+
+def render_clusters_text(views) -> str:
+    lines = []
+    for c in views:
+        n = c.name
+        lines.append(f"{n}::observability_name::{n}")
+        for k in ("success_rate_average", "success_rate_ejection_threshold",
+                  "local_origin_success_rate_average",
+                  "local_origin_success_rate_ejection_threshold"):
+            lines.append(f"{n}::outlier::{k}::-1")
+        for prio, limits in (("default_priority", c.limits),
+                             ("high_priority", _ENVOY_HIGH_PRIORITY)):
+            for k, v in zip(("max_connections", "max_pending_requests", "max_requests",
+                             "max_retries"), limits):
+                lines.append(f"{n}::{prio}::{k}::{v}")
+        lines.append(f"{n}::added_via_api::true")
+        for h in c.hosts:
+            p = f"{n}::{_host_key(h)}::"
+            s = h.stats
+            for k, v in (("cx_active", h.cx_active), ("cx_connect_fail", s["cx_connect_fail"]),
+                         ("cx_total", s["cx_total"]), ("rq_active", h.rq_active),
+                         ("rq_error", s["rq_error"]), ("rq_pending_active", 0),
+                         ("rq_success", s["rq_success"]), ("rq_timeout", s["rq_timeout"]),
+                         ("rq_total", s["rq_total"]), ("hostname", ""),
+                         ("health_flags", "/failed_outlier_check" if h.ejection_left_ms
+                          else "healthy"),
+                         ("ejection_time_left_ms", h.ejection_left_ms),
+                         ("weight", h.weight), ("region", ""), ("zone", ""), ("sub_zone", ""),
+                         ("canary", "false"), ("priority", 0), ("success_rate", -1),
+                         ("local_origin_success_rate", -1)):
+                lines.append(f"{p}{k}::{v}")
+    return "".join(line + "\n" for line in lines)
+
+
+def _stat(name: str, value: int, gauge: bool = False) -> dict:
+    d = {"name": name}
+    if value:  # proto3 JSON leaves zero values out, as Envoy's output does
+        d["value"] = str(value)
+    if gauge:
+        d["type"] = "GAUGE"
+    return d
+
+
+def render_clusters_json(views) -> dict:
+    statuses = []
+    for c in views:
+        hosts = []
+        for h in c.hosts:
+            s = h.stats
+            health = {"eds_health_status": "HEALTHY"}
+            if h.ejection_left_ms:
+                health["failed_outlier_check"] = True
+            hosts.append({
+                "address": {"socket_address": {"address": h.address, "port_value": h.port}},
+                "stats": [_stat("cx_connect_fail", s["cx_connect_fail"]),
+                          _stat("cx_total", s["cx_total"]), _stat("rq_error", s["rq_error"]),
+                          _stat("rq_success", s["rq_success"]),
+                          _stat("rq_timeout", s["rq_timeout"]), _stat("rq_total", s["rq_total"]),
+                          _stat("cx_active", h.cx_active, True),
+                          _stat("rq_active", h.rq_active, True),
+                          _stat("rq_pending_active", 0, True)],
+                "health_status": health,
+                "weight": h.weight,
+                "locality": {},
+                # meshcore's addition: how long the outlier ejection still lasts
+                "ejection_time_left_ms": h.ejection_left_ms,
+            })
+        mc, mp, mr, mx = c.limits
+        statuses.append({
+            "name": c.name,
+            "observability_name": c.name,
+            "added_via_api": True,
+            "host_statuses": hosts,
+            "circuit_breakers": {"thresholds": [
+                {"max_connections": mc, "max_pending_requests": mp, "max_requests": mr,
+                 "max_retries": mx},
+                {"priority": "HIGH", "max_connections": 1024, "max_pending_requests": 1024,
+                 "max_requests": 1024, "max_retries": 3}]},
+        })
+    return {"cluster_statuses": statuses}

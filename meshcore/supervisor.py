@@ -12,20 +12,28 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import re
 import signal
 import sys
 import time
 
 import trio
 
-from meshcore.admin import serve_admin
+from meshcore import __version__
+from meshcore.admin import LOG_LEVELS, serve_admin, serve_prometheus
 from meshcore.config.compile import compile_sources
 from meshcore.config.load import read_sources
 from meshcore.errors import ConfigError
-from meshcore.shm.layout import Layout
+from meshcore.metrics import istio as istio_metrics
+from meshcore.metrics.envoy import Baseline, collect_stats, select
+from meshcore.metrics.labels import (DestinationRegistry, destination_for_cluster,
+                                     destination_for_endpoint, source_identity)
+from meshcore.metrics.prometheus import render as render_prometheus
+from meshcore.metrics.prometheus import render_histogram
+from meshcore.shm.layout import C_DEST_ID, H_DEST_ID, Layout
 from meshcore.shm.segment import Segment
 from meshcore.shm.slots import SlotAllocator, SlotsExhausted
-from meshcore.stats_render import StatsCluster, render_stats
+from meshcore.stats_render import StatsCluster, cluster_views, render_stats
 from meshcore.upstream import outlier
 from meshcore.upstream.cluster import now_ms
 from meshcore.worker import worker_main
@@ -38,7 +46,14 @@ MAX_CLUSTERS = 1024
 MAX_HOSTS = 8192
 
 
-def log(msg: str) -> None:
+LOGGERS = ("admin", "config", "main", "upstream")
+_LEVELS = dict.fromkeys(LOGGERS, "info")  # admin /logging changes these
+
+
+def log(msg: str, logger: str = "main", level: str = "info") -> None:
+    """One supervisor log line, unless `logger` is set above `level` (admin /logging)."""
+    if LOG_LEVELS.index(level) < LOG_LEVELS.index(_LEVELS.get(logger, "info")):
+        return
     print(f"meshcore[{os.getpid()}]: {msg}", file=sys.stderr, flush=True)
 
 
@@ -89,6 +104,17 @@ class Supervisor:
         self.stopping = False
         self.reloads_ok = 0
         self.reloads_rejected = 0
+        # observability (admin, Prometheus)
+        self.prometheus_address = options.get("prometheus")
+        self.source = options.get("source") or source_identity(environ=os.environ)
+        self.argv = list(options.get("argv") or sys.argv)
+        self.registry = DestinationRegistry()
+        self.baseline = Baseline()
+        self.istio_baseline: dict = {}
+        self.health_failed = False
+        self.started_wall = time.time()
+        self.started = time.monotonic()
+        self._quit = None
 
     # === config ===
 
@@ -103,13 +129,29 @@ class Supervisor:
             slots, new_clusters, new_hosts = self.allocator.allocate(snapshot)
         except SlotsExhausted as exc:
             raise ConfigError([f"{', '.join(self.config_paths)}: {exc}"]) from None
+        cells, layout = self.segment.cells, self.segment.layout
         for slot in new_clusters:  # rows handed out afresh start from zero
             self.segment.cluster(slot).clear()
             for w in range(len(self.workers)):
                 self.segment.worker_stats(w, slot).clear()
+                _zero(cells, layout.cluster_hist_off(w, slot), 192)
         for slot in new_hosts:
             self.segment.host(slot).clear()
+            for w in range(len(self.workers)):
+                _zero(cells, layout.host_stats_off(w, slot), 64)
+        self._publish_destinations(snapshot, slots)
         return sources, snapshot, slots
+
+    def _publish_destinations(self, snapshot, slots) -> None:
+        """Write each cluster's and host's Istio destination label-set id into its row."""
+        cells, layout = self.segment.cells, self.segment.layout
+        for name, policy in snapshot.clusters.items():
+            cslot, hslots = slots[name]
+            cells.store32(layout.cluster_off(cslot) + C_DEST_ID,
+                          self.registry.intern(destination_for_cluster(policy)))
+            for ep, hslot in zip(policy.endpoints, hslots):
+                cells.store32(layout.host_off(hslot) + H_DEST_ID,
+                              self.registry.intern(destination_for_endpoint(policy, ep)))
 
 
     def reload(self, why: str) -> bool:
@@ -118,7 +160,7 @@ class Supervisor:
         except ConfigError as exc:
             self.reloads_rejected += 1
             log(f"config rejected ({why}); keeping generation {self.generation}:\n  "
-                + "\n  ".join(exc.problems))
+                + "\n  ".join(exc.problems), "config", "error")
             return False
         if self.snapshot is not None and snapshot.config_hash == self.snapshot.config_hash:
             return True
@@ -127,7 +169,7 @@ class Supervisor:
         self.reloads_ok += 1
         for w in snapshot.warnings:
             log(f"warning: {w}")
-        log(f"config generation {self.generation} loaded ({why})")
+        log(f"config generation {self.generation} loaded ({why})", "config")
         for worker in self.workers:
             if worker.conn is not None:
                 try:
@@ -163,30 +205,54 @@ class Supervisor:
         return 0
 
     async def _main(self) -> None:
+        self._quit = trio.Event()
         async with trio.open_nursery() as nursery:
+            await nursery.start(self._signals)
             await nursery.start(serve_admin, self, self.admin)
+            if self.prometheus_address is not None:
+                try:
+                    await nursery.start(serve_prometheus, self, self.prometheus_address)
+                except OSError as exc:  # a metrics port in use must not stop the proxy
+                    host, port = self.prometheus_address
+                    log(f"Prometheus listener {host}:{port} not started: {exc}; "
+                        f"/stats/prometheus stays on the admin port", "admin", "error")
+                    self.prometheus_address = None
             for worker in self.workers:
                 nursery.start_soon(self._run_worker, worker)
             if self.watch:
                 nursery.start_soon(self._watch)
             nursery.start_soon(self._sweep_outliers)
             nursery.start_soon(self._announce)
-            with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
-                async for signum in signals:
-                    if signum == signal.SIGHUP:
-                        self.reload("SIGHUP")
-                        continue
-                    log(f"received {signal.Signals(signum).name}: draining for up to {self.grace:g}s")
-                    break
+            await self._quit.wait()
             await self._drain()
             nursery.cancel_scope.cancel()
+
+    async def _signals(self, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+            task_status.started()
+            async for signum in signals:
+                if signum == signal.SIGHUP:
+                    self.reload("SIGHUP")
+                    continue
+                self.quit(f"received {signal.Signals(signum).name}")
+                return
+
+    def quit(self, why: str) -> None:
+        """Drain (up to the grace period) and exit: SIGTERM, SIGINT, admin /quitquitquit."""
+        if self._quit is not None and not self._quit.is_set():
+            log(f"{why}: draining for up to {self.grace:g}s")
+            self._quit.set()
 
     async def _announce(self) -> None:
         while not all(s.ready for s in self.workers):
             await trio.sleep(0.05)
         host, port = self.listen
+        prom = ""
+        if self.prometheus_address is not None:
+            prom = (f" prometheus on http://{self.prometheus_address[0]}:"
+                    f"{self.prometheus_address[1]}/stats/prometheus")
         log(f"{len(self.workers)} worker(s) ready; proxy on http://{host}:{port} "
-            f"admin on http://{self.admin[0]}:{self.admin[1]}")
+            f"admin on http://{self.admin[0]}:{self.admin[1]}{prom}")
 
     def _spawn(self, slot: WorkerSlot) -> None:
         parent, child = self.mp.Pipe()
@@ -213,7 +279,8 @@ class Supervisor:
             if self.stopping:
                 return
             slot.restarts += 1
-            log(f"worker {slot.index} (pid {slot.process.pid}) exited with {slot.process.exitcode}; restarting")
+            log(f"worker {slot.index} (pid {slot.process.pid}) exited with {slot.process.exitcode}; restarting",
+                "main", "error")
             self._repair_after_crash()
             # Back off only when it keeps dying young, so a crash loop cannot spin the CPU.
             backoff = 0.0 if time.monotonic() - started > 10 else min(RESTART_BACKOFF_MAX, backoff * 2 or 0.1)
@@ -288,20 +355,143 @@ class Supervisor:
         for _, _, row, hosts in self._outlier_clusters():
             outlier.recount_ejections(hosts, row)
 
-    def stats_text(self) -> str:
-        clusters = [StatsCluster(name, cslot, hslots, self.snapshot.clusters[name].limits,
-                                 self.snapshot.clusters[name].outlier is not None)
-                    for name, (cslot, hslots) in sorted(self.slots.items())]
-        return render_stats(self.segment, clusters, now_ms())
+    def _stats_clusters(self) -> list[StatsCluster]:
+        return [StatsCluster(name, cslot, hslots, self.snapshot.clusters[name].limits,
+                             self.snapshot.clusters[name].outlier is not None)
+                for name, (cslot, hslots) in sorted(self.slots.items())]
 
-    # === introspection for admin ===
+    def stats_text(self) -> str:
+        return render_stats(self.segment, self._stats_clusters(), now_ms())
+
+    # === observability for admin (meshcore.admin) ===
 
     def ready(self) -> bool:
         return not self.stopping and all(s.ready for s in self.workers)
 
+    def health_state(self) -> str:
+        """LIVE, DRAINING (stopping, or POST /healthcheck/fail) or INITIALIZING: what /ready
+        answers, and what the sidecar's readiness probe (Istio's 15021) must answer."""
+        if self.stopping or self.health_failed:
+            return "DRAINING"
+        return "LIVE" if self.ready() else "INITIALIZING"
+
+    def readiness(self) -> tuple[bool, str]:
+        """(ready, state) for a readiness probe: ready only while LIVE."""
+        state = self.health_state()
+        return state == "LIVE", state
+
+    def set_health_failed(self, failed: bool) -> None:
+        self.health_failed = failed
+        log(f"health checks {'failing' if failed else 'passing'} (admin)", "admin")
+
+    def _raw_stats(self, istio=None):
+        return collect_stats(self.segment.cells, self.segment.layout, self._stats_clusters(),
+                             now_ms(), listen=self.listen, state=self.health_state(),
+                             uptime_s=int(time.monotonic() - self.started),
+                             concurrency=len(self.workers),
+                             memory_bytes=self.memory()["total_physical_bytes"], istio=istio)
+
+    def stats(self):
+        """Every Envoy-style stat, counters relative to the last /reset_counters."""
+        return self.baseline.apply(self._raw_stats())
+
+    def reset_counters(self) -> None:
+        self.baseline.reset(self._raw_stats())
+        series = istio_metrics.collect(self.segment.cells, self.segment.layout)[0]
+        self.istio_baseline = {key: s.requests for key, s in series.items()}
+        log("counters reset (admin)", "admin")
+
+    def _histograms(self):
+        cells, layout = self.segment.cells, self.segment.layout
+        for name, (cslot, _) in sorted(self.slots.items()):
+            yield (name,) + istio_metrics.hist_collect(cells, layout, cslot)
+
+    def histograms_json(self) -> dict:
+        """Envoy's `/stats?format=json` histogram section (cumulative quantiles only)."""
+        quantiles = (0, 25, 50, 75, 90, 95, 99, 99.5, 99.9, 100)
+        computed = []
+        for name, buckets, _total, count in self._histograms():
+            values = [{"cumulative": istio_metrics.bucket_quantile(buckets, count, q / 100),
+                       "interval": None} for q in quantiles]
+            computed.append({"name": f"cluster.{name}.upstream_rq_time", "values": values})
+        return {"supported_quantiles": list(quantiles), "computed_quantiles": computed}
+
+    def prometheus(self, regex: str | None = None, used_only: bool = False) -> bytes:
+        """The `/stats/prometheus` body: Istio's metrics, then Envoy's (filters apply to
+        Envoy's). Raises re.error for a bad regex."""
+        cells, layout = self.segment.cells, self.segment.layout
+        istio = istio_metrics.collect(cells, layout)
+        stats = select(self.baseline.apply(self._raw_stats(istio)), regex, used_only)
+        extra = ["# TYPE istio_build gauge",
+                 f'istio_build{{component="proxy",tag="meshcore-{__version__}"}} 1',
+                 "# TYPE meshcore_istio_label_overflow_total counter",
+                 f"meshcore_istio_label_overflow_total {istio[1] + self.registry.overflowed}"]
+        pattern = re.compile(regex) if regex else None
+        extra += render_histogram("envoy_cluster_upstream_rq_time", [
+            ((("cluster_name", name),), buckets, total, count)
+            for name, buckets, total, count in self._histograms()
+            if (count or not used_only)
+            and (pattern is None or pattern.search(f"cluster.{name}.upstream_rq_time"))])
+        return render_prometheus(istio[0], self.registry, self.source, stats,
+                                 self.istio_baseline, extra)
+
+    def cluster_views(self):
+        clusters = [(name, self.snapshot.clusters[name], self.slots[name])
+                    for name in sorted(self.slots)]
+        return cluster_views(self.segment.cells, self.segment.layout, clusters, now_ms())
+
+    def memory(self) -> dict:
+        """Resident set size of the supervisor and of each worker (bytes, from /proc)."""
+        me = {"pid": os.getpid(), "rss_bytes": _rss(os.getpid())}
+        workers = []
+        for s in self.workers:
+            pid = s.process.pid if s.process is not None else None
+            workers.append({"index": s.index, "pid": pid,
+                            "rss_bytes": _rss(pid) if pid and s.process.is_alive() else 0})
+        return {"supervisor": me, "workers": workers,
+                "total_physical_bytes": me["rss_bytes"] + sum(w["rss_bytes"] for w in workers)}
+
+    def log_levels(self) -> dict:
+        return dict(_LEVELS)
+
+    def set_log_levels(self, changes: dict) -> str | None:
+        """Admin /logging: `level` sets every logger, `<logger>=<level>` one. Returns a problem
+        (nothing changed) or None."""
+        for name, level in changes.items():
+            if level not in LOG_LEVELS:
+                return f"error: unknown logger level {level!r}"
+            if name != "level" and name not in _LEVELS:
+                return f"error: unknown logger {name!r}"
+        for name, level in changes.items():
+            if name == "level":
+                for logger in _LEVELS:
+                    _LEVELS[logger] = level
+            else:
+                _LEVELS[name] = level
+        return None
+
     def server_info(self) -> dict:
+        up = int(time.monotonic() - self.started)
+        src = self.source
         return {
-            "state": "DRAINING" if self.stopping else ("LIVE" if self.ready() else "INITIALIZING"),
+            "version": f"meshcore/{__version__}/python{sys.version.split()[0]}",
+            "state": self.health_state(),
+            "uptime_current_epoch": f"{up}s",
+            "uptime_all_epochs": f"{up}s",
+            "hot_restart_version": "disabled",
+            "command_line_options": {
+                "argv": self.argv,
+                "config_path": self.config_paths,
+                "listen": f"{self.listen[0]}:{self.listen[1]}",
+                "admin": f"{self.admin[0]}:{self.admin[1]}",
+                "prometheus": (f"{self.prometheus_address[0]}:{self.prometheus_address[1]}"
+                               if self.prometheus_address else None),
+                "concurrency": len(self.workers),
+                "drain_time": f"{self.grace:g}s",
+            },
+            "node": {"workload_name": src.workload, "namespace": src.namespace,
+                     "app": src.app, "version": src.version},
+            "started": self.started_wall,
             "generation": self.generation,
             "config_hash": self.snapshot.config_hash if self.snapshot else None,
             "reloads_ok": self.reloads_ok,
@@ -310,3 +500,20 @@ class Supervisor:
                          "ready": s.ready, "generation": s.generation, "restarts": s.restarts}
                         for s in self.workers],
         }
+
+
+def _zero(cells, off: int, size: int) -> None:
+    for k in range(0, size, 8):
+        cells.store64(off + k, 0)
+
+
+def _rss(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/status", "rb") as f:
+            for line in f:
+                if line.startswith(b"VmRSS:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
+

@@ -40,9 +40,14 @@ def worker_main(conn, index: int, segment_name: str, listen: tuple[str, int], sn
     listener = reuseport_listener(*listen)
     dp = Dataplane(snapshot, slots, segment, index,
                    access_log=options.get("access_log", True),
+                   access_log_file=options.get("access_log_file"),
+                   access_log_encoding=options.get("access_log_encoding", "text"),
+                   access_log_format=options.get("access_log_format"),
                    use_remote_address=options.get("use_remote_address", False),
                    header_timeout=options.get("request_headers_timeout", 10.0),
-                   max_events=MAX_EVENTS)
+                   max_events=MAX_EVENTS,
+                   # MESHCORE_METRICS=off: a developer aid to measure what recording costs
+                   metrics=os.environ.get("MESHCORE_METRICS") != "off")
     dp.loop.add_listener(listener)
     listener.close()
     profile_to = os.environ.get("MESHCORE_PROFILE")  # developer aid: cProfile one worker
@@ -72,7 +77,7 @@ async def serve(dp, conn) -> None:
         with trio.move_on_after(grace):
             while loop.connections or loop.shadows_in_flight:
                 await trio.sleep(0.02)
-        loop.flush_log()
+        dp.flush_log()
         nursery.cancel_scope.cancel()
 
 
@@ -95,7 +100,7 @@ async def housekeeping(dp) -> None:
     tick = 0
     while True:
         await trio.sleep(LOG_FLUSH_INTERVAL)
-        dp.loop.flush_log()
+        dp.flush_log()
         tick += 1
         if tick % ticks_per_sweep == 0:
             dp.sweep()

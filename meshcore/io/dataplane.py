@@ -23,6 +23,7 @@ import random
 import time
 
 from meshcore import local_reply as lr
+from meshcore.accesslog import ISTIO_TEXT, AccessLog, compile_format, open_log_fd
 from meshcore._ext.loop import RELAY, REPLY, RETRY, ClusterHandle, Loop, RouteHandle
 from meshcore.policy.classify import Kind, classify_failure, classify_response
 from meshcore.policy.fault import DELAY_FLAG, decide_fault
@@ -36,7 +37,9 @@ from meshcore.policy.retry import (RETRY_ON_5XX, RETRY_ON_ENVOY_RATE_LIMITED, RE
                                    is_idempotent, merge_request_overrides)
 from meshcore.policy.timeout import TIMEOUT_REQUEST_HEADERS, route_timeout_override
 from meshcore.routing.table import find_route, pick_destination
-from meshcore.shm.layout import W_INDEX, W_UPSTREAM_RQ_PENDING_OVERFLOW, W_UPSTREAM_RQ_RETRY_SUCCESS
+from meshcore.shm.layout import (W_INDEX, W_UPSTREAM_RQ_PENDING_OVERFLOW,
+                                 W_UPSTREAM_RQ_RETRY_BACKOFF_EXPONENTIAL,
+                                 W_UPSTREAM_RQ_RETRY_SUCCESS)
 from meshcore.upstream.cluster import MAX_IDLE_PER_ENDPOINT, ClusterState
 from meshcore.upstream.hashkey import hash_source_address, request_hash
 
@@ -105,17 +108,35 @@ class Dataplane:
     """One worker's data path: the C loop plus the Python policy it calls."""
 
     def __init__(self, snapshot, slots, segment, worker: int, *, access_log: bool = True,
-                 access_log_fd: int = 1, use_remote_address: bool = False,
+                 access_log_file=None, access_log_encoding: str = "text",
+                 access_log_format=None, use_remote_address: bool = False,
                  header_timeout: float = 10.0, idle_timeout: float = 3600.0,
-                 max_events: int = 256, spawn=None):
+                 max_events: int = 256, metrics: bool = True, spawn=None):
         self.rng = random.Random()
         self.segment = segment
         self.worker = worker
         self.spawn = spawn  # starts a background task (capture sink flushers); set by the worker
-        self.loop = Loop(self, max_events=max_events, log_fd=access_log_fd,
-                         log_mode=1 if access_log else 0, use_remote_address=use_remote_address,
-                         header_timeout=header_timeout, idle_timeout=idle_timeout)
+        # The access log: Istio's default text format is formatted by the loop in C; JSON and
+        # custom formats go through meshcore.accesslog's compiled formatter (one Python call per
+        # request).
+        self.access_log = None
+        log_mode = 0
+        log_fd = 1
+        if access_log:
+            log_fd = open_log_fd(access_log_file)
+            if access_log_encoding == "text" and access_log_format in (None, "", ISTIO_TEXT):
+                log_mode = 1
+            else:
+                log_mode = 2
+                self.access_log = AccessLog(log_fd, compile_format(access_log_format,
+                                                                   access_log_encoding))
+        self.loop = Loop(self, max_events=max_events, log_fd=log_fd, log_mode=log_mode,
+                         use_remote_address=use_remote_address, header_timeout=header_timeout,
+                         idle_timeout=idle_timeout)
         self.loop.attach_shm(segment.buf)
+        self.metrics = metrics  # Istio metrics, per-host counters, final charges (meshcore.metrics)
+        if metrics:
+            self.loop.setup_metrics(segment.layout.istio_off(worker), segment.layout.istio_rows)
         self.snapshot = None
         self.clusters: dict[str, ClusterState] = {}
         self.routes: dict[int, RouteHandle] = {}
@@ -151,7 +172,10 @@ class Dataplane:
                 outlier=policy.outlier is not None and policy.outlier.enabled,
                 outlier_split=bool(policy.outlier is not None
                                    and policy.outlier.split_external_local_origin_errors),
-                max_idle=MAX_IDLE_PER_ENDPOINT)
+                max_idle=MAX_IDLE_PER_ENDPOINT,
+                host_stat_offs=[layout.host_stats_off(self.worker, s) for s in hslots]
+                if self.metrics else None,
+                hist_off=layout.cluster_hist_off(self.worker, cslot) if self.metrics else -1)
             state = ClusterState(policy, self.rng, self.segment, self.worker, slots[name],
                                  book=handle.book)
             state.handle = handle
@@ -179,6 +203,11 @@ class Dataplane:
         self.loop.sweep()
         for state in self.clusters.values():
             state.handle.sweep()
+
+    def flush_log(self) -> None:
+        self.loop.flush_log()
+        if self.access_log is not None:
+            self.access_log.flush()
 
     def drain(self) -> None:
         self.loop.drain()
@@ -212,7 +241,13 @@ class Dataplane:
                 stream.reply(route.fault.abort_reply)
                 return
         state = self.clusters.get(pick_destination(route, rng.getrandbits(32)))
-        if state is None or state.n == 0:
+        if state is None:
+            stream.reply(lr.NO_HEALTHY_UPSTREAM)
+            return
+        # The router's own replies from here on are charged to the cluster, as Envoy does.
+        stream.route = rh
+        stream.cluster = state.handle
+        if state.n == 0:
             stream.reply(lr.NO_HEALTHY_UPSTREAM)
             return
         hashed = None
@@ -282,6 +317,9 @@ class Dataplane:
             if decision.reason is Reason.RETRY:  # not the stale keep-alive replay
                 plan.retried = True
                 stream.flags = "URX"  # provisional: the final flags come from final_flags
+                if not (kind == _RESPONSE and status == 425):
+                    # Envoy counts every retry it schedules on its backoff timer (425 goes at once)
+                    state.stats.inc(W_UPSTREAM_RQ_RETRY_BACKOFF_EXPONENTIAL)
             if decision.fresh_connection:
                 stream.next_ep = ep
                 stream.fresh = True
@@ -324,6 +362,10 @@ class Dataplane:
         plan = stream.ctx
         if plan is not None and plan.retry_state is not None:
             plan.retry_state.release()
+
+    def log(self, stream) -> None:
+        """A finished request, for an access log in JSON or a custom format."""
+        self.access_log.log(LogRecord(stream))
 
     def mirror(self, stream) -> None:
         """The request body is complete: send the route's copies (fire and forget)."""
@@ -379,10 +421,40 @@ class Dataplane:
         self.loop.close()
         for sink in self.sinks.values():
             sink.close()
+        if self.access_log is not None:
+            self.access_log.flush()
+
+
+class LogRecord:
+    """A finished request as meshcore.accesslog's formatters read it."""
+
+    __slots__ = ("head", "start", "status", "flags", "details", "bytes_received", "bytes_sent",
+                 "duration_ms", "upstream_service_time", "request_id", "upstream_host", "cluster",
+                 "upstream_local", "downstream_local", "downstream_remote", "route_name")
+
+    def __init__(self, stream):
+        self.head = stream.head
+        self.start = stream.start_time
+        self.status = stream.status
+        self.flags = stream.flags or "-"
+        self.details = stream.details
+        self.bytes_received = stream.bytes_received
+        self.bytes_sent = stream.bytes_sent
+        self.duration_ms = stream.duration_ms
+        self.upstream_service_time = stream.upstream_service_time
+        self.request_id = stream.request_id
+        self.upstream_host = stream.upstream_host
+        cluster = stream.cluster
+        self.cluster = cluster.name if cluster is not None else None
+        self.upstream_local = stream.upstream_local_address
+        self.downstream_local = stream.downstream_local
+        self.downstream_remote = stream.downstream_remote
+        route = stream.route
+        self.route_name = route.name if route is not None else None
 
 
 def _cookie_lines(cookies, picks: int) -> bytes:
     return b"".join(b"set-cookie: " + c + b"\r\n" for c in cookies) * picks
 
 
-__all__ = ["Dataplane", "RequestPlan", "route_handle", "STRIPPED_REQUEST_HEADERS"]
+__all__ = ["Dataplane", "RequestPlan", "LogRecord", "route_handle", "STRIPPED_REQUEST_HEADERS"]

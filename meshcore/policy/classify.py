@@ -29,9 +29,10 @@ PROTOCOL_ERROR              502     UPE    503           yes           protocol 
 The table is `FAILURES` below; every consumer reads its columns through the `Outcome`:
 `stat` (the worker stats row counter an attempt with this outcome increments, -1 for none),
 `outlier` (the meshcore.upstream.outcome value reported to outlier detection, None for none) and
-`reply` (the Envoy local reply a final failure is answered with). Responses carry their status
-class counter and their outlier value too, so stats, outlier detection, retries and local
-replies all read one row per outcome.
+`reply` (the Envoy local reply a final failure is answered with). Responses carry their counter
+and their outlier value too, so stats, outlier detection, retries and local
+replies all read one row per outcome. (A response's counter is upstream_rq_total; its status class,
+upstream_rq_<N>xx, is charged once per request on the final response, as Envoy does.)
 
 * `status` is the local reply status the failure produces when it is final (§9).
 * `outlier_code` is the HTTP code Envoy's outlier detector sees in its default (non-split) mode:
@@ -124,13 +125,11 @@ class Outcome:
 _MAX_STATUS = 999  # the head parser accepts three-digit status codes only
 
 
-_STATUS_CLASS_STAT = {c: W_INDEX[f"upstream_rq_{c}xx"] for c in range(1, 6)}
-
-
 def _response(status: int) -> Outcome:
+    # upstream_rq_completed and upstream_rq_<N>xx are charged once per request, on the final
+    # response (Envoy's chargeUpstreamCode), not per attempt: an attempt counts upstream_rq_total
     return Outcome(Kind.RESPONSE, status, "", status, False, True,
-                   stat=_STATUS_CLASS_STAT.get(status // 100, -1),
-                   outlier=outcome_for_status(status))
+                   stat=W_INDEX["upstream_rq_total"], outlier=outcome_for_status(status))
 
 
 _RESPONSES: list = [None] * 100 + [_response(s) for s in range(100, _MAX_STATUS + 1)]

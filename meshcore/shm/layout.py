@@ -6,6 +6,9 @@ Rules of this module:
 
       [header 64 B][host rows: max_hosts x 64 B][cluster rows: max_clusters x 64 B]
       [worker stats: workers x max_clusters x WORKER_ROW_SIZE (256 B)]
+      [worker host stats: workers x max_hosts x HOST_STATS_ROW_SIZE (64 B)]
+      [worker Istio metrics: workers x (64 B block header + istio_rows x ISTIO_ROW_SIZE (512 B))]
+      [worker cluster histograms: workers x max_clusters x CLUSTER_HIST_ROW_SIZE (192 B)]
 
   Every region and every row starts on a 64-byte boundary (one cache line), so no two rows share a
   line: a host row, a cluster row and each worker's stats row never false-share.
@@ -23,6 +26,20 @@ Rules of this module:
 * Worker stats rows (one per worker per cluster): uint64 Envoy cluster counters. Each worker
   writes only its own rows (single writer: `Cells.incr64`, no lock, no LOCK prefix); `/stats`
   sums them across workers.
+* Worker host stats rows (one per worker per host slot, single writer): Envoy's per-host counters
+  shown by admin `/clusters` (cx_total, cx_connect_fail, rq_total, rq_success, rq_error,
+  rq_timeout), summed over workers.
+* Worker Istio metrics blocks (one per worker, single writer; meshcore.metrics.istio owns their
+  meaning): a 64-byte block header (rows in use, overflow count, downstream connection counters)
+  and `istio_rows` rows of uint64 cells, each keyed by one bounded label set (destination id,
+  response code, response flags) and holding the request count and the three Istio histograms.
+  The last row is the overflow row.
+* Worker cluster histogram rows (one per worker per cluster, single writer): Envoy's
+  `upstream_rq_time` histogram (meshcore.metrics.istio's bucket bounds and cell order: bucket
+  counts, sum, count).
+* `H_DEST_ID` / `C_DEST_ID` (the same byte offset 60 in host and cluster rows): the Istio
+  destination label-set id of the host (or of the cluster, for requests that never reached a
+  host), written by the supervisor when it publishes a config (meshcore.metrics.labels).
 * Stat names are Envoy's spelling, each listed once in a tuple; a stat's index in its tuple is its
   cell index in the row. The `W_*` / `C_*` / `H_*` constants are those indexes or byte offsets.
 * Views (`HostRow`, `ClusterRow`, `WorkerStatsRow`, `Cell`) only hold `(cells, off)`; `cells` is an
@@ -39,11 +56,13 @@ __all__ = [
     "WORKER_ROW_SIZE", "HEADER_FIELDS", "HOST_FIELDS", "CLUSTER_FIELDS", "CLUSTER_GAUGES",
     "OUTLIER_STATS", "WORKER_CLUSTER_COUNTERS", "W_INDEX", "ACTIVE", "EJECTED",
     "Layout", "LayoutError", "Cell", "HostRow", "ClusterRow", "WorkerStatsRow",
+    "HOST_STATS", "HOST_STATS_ROW_SIZE", "ISTIO_ROWS", "ISTIO_ROW_SIZE", "ISTIO_BLOCK_HEADER",
+    "H_DEST_ID", "C_DEST_ID", "CLUSTER_HIST_ROW_SIZE",
 ]
 
 CACHE_LINE = 64
 MAGIC = int.from_bytes(b"meshcore", "little")
-VERSION = 1
+VERSION = 2  # 2: host stats and Istio metrics regions, istio_rows in the header
 
 # ------------------------------------------------------------------------------------------------
 # Header (64 bytes): (name, byte offset, struct format)
@@ -59,11 +78,13 @@ HEADER_FIELDS = (
     ("workers", 32, "I"),
     ("worker_row_size", 36, "I"),
     ("total_size", 40, "Q"),
-    # 48..63 reserved
+    ("istio_rows", 48, "I"),        # rows per worker in the Istio metrics block (version 2)
+    # 52..63 reserved
 )
 HDR_GENERATION = 16
 _HDR = struct.Struct("<QIIQIIIIQ")  # the fields above in order, little-endian, no padding
 assert _HDR.size == 48
+_HDR_V2 = struct.Struct("<I")  # istio_rows at offset 48
 
 # ------------------------------------------------------------------------------------------------
 # Host row (64 bytes): byte offsets
@@ -83,7 +104,8 @@ H_N_EJECTIONS = 20              # u32 Envoy's eject-time backoff multiplier (+1 
 H_RQ_ACTIVE = 24                # u32 active requests to this host, all workers (least request)
 H_CX_ACTIVE = 28                # u32 open connections to this host, all workers
 H_EJECTIONS_TOTAL = 32          # u32 times this host was ejected (admin/debug)
-# 36..63 reserved
+# 36..59 reserved
+H_DEST_ID = 60                  # u32 Istio destination label-set id (supervisor writes it)
 
 HOST_FIELDS = (                 # (name, byte offset, size)
     ("ejected_until_ms", H_EJECTED_UNTIL_MS, 8),
@@ -94,6 +116,7 @@ HOST_FIELDS = (                 # (name, byte offset, size)
     ("rq_active", H_RQ_ACTIVE, 4),
     ("cx_active", H_CX_ACTIVE, 4),
     ("ejections_total", H_EJECTIONS_TOTAL, 4),
+    ("dest_id", H_DEST_ID, 4),
 )
 
 # ------------------------------------------------------------------------------------------------
@@ -119,8 +142,9 @@ OUTLIER_STATS = (           # cluster.<name>.outlier_detection.<stat>
     "ejections_total",              # deprecated (Envoy still emits it)
     "ejections_consecutive_5xx",    # deprecated (Envoy still emits it)
 )
-CLUSTER_FIELDS = CLUSTER_GAUGES + OUTLIER_STATS  # 15 of 16 cells; cell 15 reserved
-assert len(CLUSTER_FIELDS) <= CLUSTER_ROW_SIZE // 4
+CLUSTER_FIELDS = CLUSTER_GAUGES + OUTLIER_STATS  # 15 of 16 cells; cell 15 is C_DEST_ID
+assert len(CLUSTER_FIELDS) <= CLUSTER_ROW_SIZE // 4 - 1
+C_DEST_ID = 60  # u32 Istio destination label-set id for requests that reached no host
 
 C_CX_ACTIVE = 0
 C_RQ_PENDING = 4
@@ -208,6 +232,37 @@ W_LB_HEALTHY_PANIC = 28
 W_RETRY_OR_SHADOW_ABANDONED = 29
 
 
+# ------------------------------------------------------------------------------------------------
+# Worker host stats row: uint64 per-host counters of one worker (admin /clusters), summed over
+# workers. Index i is at byte offset 8*i.
+
+HOST_STATS = (
+    "cx_total",
+    "cx_connect_fail",
+    "rq_total",
+    "rq_success",
+    "rq_error",
+    "rq_timeout",
+)
+HOST_STATS_ROW_SIZE = 64
+HS_CX_TOTAL = 0
+HS_CX_CONNECT_FAIL = 1
+HS_RQ_TOTAL = 2
+HS_RQ_SUCCESS = 3
+HS_RQ_ERROR = 4
+HS_RQ_TIMEOUT = 5
+assert len(HOST_STATS) * 8 <= HOST_STATS_ROW_SIZE
+
+# ------------------------------------------------------------------------------------------------
+# Worker Istio metrics block: a 64-byte header, then `istio_rows` rows of ISTIO_ROW_SIZE bytes.
+# Cell meanings are defined by meshcore.metrics.istio (the only module that reads or writes them).
+
+ISTIO_BLOCK_HEADER = 64
+ISTIO_ROW_SIZE = 512            # 64 uint64 cells
+ISTIO_ROWS = 512                # default rows per worker (the last one is the overflow row)
+CLUSTER_HIST_ROW_SIZE = 192     # 24 uint64 cells: 19 buckets, sum, count, 3 reserved
+
+
 class LayoutError(ValueError):
     """The buffer does not hold a segment this code can read (magic, version or size mismatch)."""
 
@@ -224,10 +279,17 @@ class Layout:
     max_clusters: int
     workers: int
     worker_row_size: int = WORKER_ROW_SIZE
+    istio_rows: int = ISTIO_ROWS
     host_base: int = field(init=False)
     cluster_base: int = field(init=False)
     worker_base: int = field(init=False)
     worker_block: int = field(init=False)   # bytes of one worker's stats (all its clusters)
+    host_stats_base: int = field(init=False)
+    host_stats_block: int = field(init=False)  # bytes of one worker's host stats (all hosts)
+    istio_base: int = field(init=False)
+    istio_block: int = field(init=False)    # bytes of one worker's Istio metrics block
+    cluster_hist_base: int = field(init=False)
+    cluster_hist_block: int = field(init=False)
     size: int = field(init=False)
 
     def __post_init__(self):
@@ -239,15 +301,29 @@ class Layout:
         if wrs < len(WORKER_CLUSTER_COUNTERS) * 8 or wrs % CACHE_LINE:
             raise ValueError(f"worker_row_size {wrs} must be a multiple of {CACHE_LINE} holding "
                              f"{len(WORKER_CLUSTER_COUNTERS)} counters")
+        if not isinstance(self.istio_rows, int) or not 1 <= self.istio_rows <= 1 << 20:
+            raise ValueError(f"istio_rows must be an int in 1..2^20, got {self.istio_rows!r}")
         host_base = HEADER_SIZE
         cluster_base = host_base + self.max_hosts * HOST_ROW_SIZE
         worker_base = _round_up(cluster_base + self.max_clusters * CLUSTER_ROW_SIZE)
         worker_block = self.max_clusters * wrs
-        size = worker_base + self.workers * worker_block
+        host_stats_base = worker_base + self.workers * worker_block
+        host_stats_block = self.max_hosts * HOST_STATS_ROW_SIZE
+        istio_base = host_stats_base + self.workers * host_stats_block
+        istio_block = ISTIO_BLOCK_HEADER + self.istio_rows * ISTIO_ROW_SIZE
+        cluster_hist_base = istio_base + self.workers * istio_block
+        cluster_hist_block = self.max_clusters * CLUSTER_HIST_ROW_SIZE
+        size = cluster_hist_base + self.workers * cluster_hist_block
         object.__setattr__(self, "host_base", host_base)
         object.__setattr__(self, "cluster_base", cluster_base)
         object.__setattr__(self, "worker_base", worker_base)
         object.__setattr__(self, "worker_block", worker_block)
+        object.__setattr__(self, "host_stats_base", host_stats_base)
+        object.__setattr__(self, "host_stats_block", host_stats_block)
+        object.__setattr__(self, "istio_base", istio_base)
+        object.__setattr__(self, "istio_block", istio_block)
+        object.__setattr__(self, "cluster_hist_base", cluster_hist_base)
+        object.__setattr__(self, "cluster_hist_block", cluster_hist_block)
         object.__setattr__(self, "size", size)
 
     # --- offsets (IndexError outside the geometry) ----------------------------------------------
@@ -275,10 +351,36 @@ class Layout:
             raise IndexError(f"stat index {idx} out of range")
         return self.worker_row_off(worker, cluster_slot) + idx * 8
 
+    def host_stats_off(self, worker: int, host_slot: int) -> int:
+        """Byte offset of `worker`'s per-host counters row for `host_slot` (HOST_STATS)."""
+        if not 0 <= worker < self.workers:
+            raise IndexError(f"worker {worker} out of range (workers={self.workers})")
+        if not 0 <= host_slot < self.max_hosts:
+            raise IndexError(f"host slot {host_slot} out of range (max_hosts={self.max_hosts})")
+        return self.host_stats_base + worker * self.host_stats_block \
+            + host_slot * HOST_STATS_ROW_SIZE
+
+    def istio_off(self, worker: int) -> int:
+        """Byte offset of `worker`'s Istio metrics block (its 64-byte header; rows follow)."""
+        if not 0 <= worker < self.workers:
+            raise IndexError(f"worker {worker} out of range (workers={self.workers})")
+        return self.istio_base + worker * self.istio_block
+
+    def cluster_hist_off(self, worker: int, cluster_slot: int) -> int:
+        """Byte offset of `worker`'s upstream_rq_time histogram row for `cluster_slot`."""
+        if not 0 <= worker < self.workers:
+            raise IndexError(f"worker {worker} out of range (workers={self.workers})")
+        if not 0 <= cluster_slot < self.max_clusters:
+            raise IndexError(f"cluster slot {cluster_slot} out of range "
+                             f"(max_clusters={self.max_clusters})")
+        return self.cluster_hist_base + worker * self.cluster_hist_block \
+            + cluster_slot * CLUSTER_HIST_ROW_SIZE
+
     # --- header ---------------------------------------------------------------------------------
     def pack_header(self, generation: int = 0) -> bytes:
         head = _HDR.pack(MAGIC, VERSION, HEADER_SIZE, generation, self.max_hosts,
                          self.max_clusters, self.workers, self.worker_row_size, self.size)
+        head += _HDR_V2.pack(self.istio_rows)
         return head + bytes(HEADER_SIZE - len(head))
 
     @classmethod
@@ -290,6 +392,7 @@ class Layout:
                 raise LayoutError(f"buffer of {mv.nbytes} bytes is smaller than the header")
             (magic, version, header_size, generation, max_hosts, max_clusters, workers,
              wrs, total) = _HDR.unpack_from(mv, 0)
+            (istio_rows,) = _HDR_V2.unpack_from(mv, _HDR.size)
         finally:
             mv.release()
         if magic != MAGIC:
@@ -298,7 +401,7 @@ class Layout:
             raise LayoutError(f"segment version {version} (header {header_size} B); this code "
                               f"reads version {VERSION} (header {HEADER_SIZE} B)")
         try:
-            layout = cls(max_hosts, max_clusters, workers, wrs)
+            layout = cls(max_hosts, max_clusters, workers, wrs, istio_rows)
         except ValueError as e:
             raise LayoutError(f"inconsistent header: {e}") from None
         if layout.size != total:
@@ -312,7 +415,10 @@ class Layout:
             ("hosts", self.host_base, self.cluster_base),
             ("clusters", self.cluster_base,
              self.cluster_base + self.max_clusters * CLUSTER_ROW_SIZE),
-            ("workers", self.worker_base, self.size),
+            ("workers", self.worker_base, self.host_stats_base),
+            ("host_stats", self.host_stats_base, self.istio_base),
+            ("istio", self.istio_base, self.cluster_hist_base),
+            ("cluster_hist", self.cluster_hist_base, self.size),
         ]
 
 

@@ -14,7 +14,6 @@ import random
 import time
 
 from meshcore.config.policy import ClusterPolicy
-from meshcore.policy.classify import Kind
 from meshcore.shm import layout as L
 from meshcore.upstream import breaker, outlier
 from meshcore.upstream.balancer import make_balancer
@@ -138,12 +137,8 @@ class ClusterState:
     def on_result(self, ep: int, outcome) -> None:
         """One attempt on endpoint `ep` ended with `outcome` (meshcore.policy.classify): its
         counters and its outlier report, both read off the classifier's table."""
-        stats = self.stats
-        if outcome.kind is Kind.RESPONSE:
-            stats.inc(L.W_UPSTREAM_RQ_TOTAL)
-            stats.inc(L.W_UPSTREAM_RQ_COMPLETED)
         if outcome.stat >= 0:
-            stats.inc(outcome.stat)
+            self.stats.inc(outcome.stat)
         if self.outlier.enabled and ep >= 0 and outcome.outlier is not None:
             outlier.on_result(self.hosts[ep], self.row, outcome.outlier, now_ms(), self.outlier,
                               self.n, random.getrandbits(32) % 100)

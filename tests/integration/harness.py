@@ -272,6 +272,8 @@ class Proxy:
         for p in config_paths:
             args += ["--config", p]
         args += list(extra)
+        if "--prometheus" not in extra:  # Istio's 0.0.0.0:15090 is for real sidecars, not tests
+            args += ["--prometheus", "off"]
         self.log_path = log_path
         self.out = open(log_path, "wb") if log_path else subprocess.DEVNULL
         self.err = tempfile.TemporaryFile()  # a file, not a pipe: a chatty proxy must never block

@@ -31,8 +31,11 @@ def test_row_sizes_are_cache_lines():
 
 def test_size_formula():
     lay = Layout(max_hosts=10, max_clusters=3, workers=4)
-    assert lay.size == 64 + 10 * 64 + 3 * 64 + 4 * 3 * WORKER_ROW_SIZE
+    assert lay.size == (64 + 10 * 64 + 3 * 64 + 4 * 3 * WORKER_ROW_SIZE + 4 * 10 * 64
+                        + 4 * (64 + L.ISTIO_ROWS * L.ISTIO_ROW_SIZE) + 4 * 3 * 192)
     assert Layout(0, 0, 0).size == 64
+    assert Layout(1, 1, 1, istio_rows=2).size == (64 + 64 + 64 + WORKER_ROW_SIZE + 64 + 64 + 1024
+                                                  + 192)
 
 
 @settings(max_examples=60, deadline=None)
@@ -45,6 +48,11 @@ def test_every_row_aligned_disjoint_and_inside(max_hosts, max_clusters, workers)
               for i in range(max_clusters)]
     spans += [(lay.worker_row_off(w, c), lay.worker_row_off(w, c) + WORKER_ROW_SIZE)
               for w in range(workers) for c in range(max_clusters)]
+    spans += [(lay.host_stats_off(w, h), lay.host_stats_off(w, h) + L.HOST_STATS_ROW_SIZE)
+              for w in range(workers) for h in range(max_hosts)]
+    spans += [(lay.istio_off(w), lay.istio_off(w) + lay.istio_block) for w in range(workers)]
+    spans += [(lay.cluster_hist_off(w, c), lay.cluster_hist_off(w, c) + L.CLUSTER_HIST_ROW_SIZE)
+              for w in range(workers) for c in range(max_clusters)]
     spans.sort()
     for (a0, a1), (b0, b1) in zip(spans, spans[1:]):
         assert a1 <= b0, "rows overlap"
@@ -53,7 +61,8 @@ def test_every_row_aligned_disjoint_and_inside(max_hosts, max_clusters, workers)
         assert 0 <= s < e <= lay.size
     assert sum(e - s for s, e in spans) == lay.size  # no gaps either
     regions = lay.regions()
-    assert [r[0] for r in regions] == ["header", "hosts", "clusters", "workers"]
+    assert [r[0] for r in regions] == ["header", "hosts", "clusters", "workers", "host_stats",
+                                       "istio", "cluster_hist"]
     for (_, _, end), (_, start, _) in zip(regions, regions[1:]):
         assert end == start
 
