@@ -67,10 +67,6 @@ ERROR = 6
 INFORMATIONAL = 7
 UPGRADE = 8
 
-_EVENT_NAMES = {NEED_DATA: "need_data", HEAD: "head", DATA: "data", END: "end",
-                PAUSED: "paused", EOF: "eof", ERROR: "error",
-                INFORMATIONAL: "informational", UPGRADE: "upgrade"}
-
 # Receive states (the .state property): the compiled module's R_* numbers.
 R_IDLE = 0       # client: no request outstanding
 R_HEAD = 1       # waiting for a head
@@ -84,7 +80,8 @@ W_IDLE = 0
 W_BODY = 1
 W_DONE = 2
 
-# Reasons of the connection's own errors (the parser's errors keep the parser's reasons).
+# Reasons of the connection's own errors (the parser's errors keep the parser's reasons). The
+# compiled module names them R_* too: strings, unlike the integer receive states above.
 R_BODY_TRUNCATED = "connection closed before the body was complete"
 R_UNSOLICITED_101 = "unsolicited 101 Switching Protocols"
 R_STRAY = "bytes before any request"
@@ -182,6 +179,9 @@ class _Side:
 
         if kind == BODY_CLOSE:  # responses only: the body runs until the upstream closes
             if n == 0:
+                if self._eof:
+                    self._rstate = R_DONE
+                    return _END
                 return _NEED_DATA
             data = bytes(buf)
             del buf[:]
