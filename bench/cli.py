@@ -30,6 +30,20 @@ from bench.loadgen import BuiltinGenerator, Wrk
 HERE = os.path.dirname(os.path.abspath(__file__))
 ALL_TARGETS = ["direct", "meshcore", "meshcore-n", "envoy", "nginx", "haproxy"]
 
+# --profile istio: what a sidecar really runs (issue 8): a VirtualService with retries and a
+# timeout, a DestinationRule with a connection pool and outlier detection, and the access log on.
+# meshcore and Envoy get the same Istio YAML (Envoy's bootstrap is generated from it).
+ISTIO_PROFILE = {
+    "vs": {"http": [{"route": [{"destination": {"host": "bench-service"}}], "timeout": "10s",
+                     "retries": {"attempts": 2, "perTryTimeout": "5s",
+                                 "retryOn": "5xx,connect-failure,reset"}}]},
+    "dr": {"trafficPolicy": {
+        "connectionPool": {"tcp": {"maxConnections": 1000, "connectTimeout": "1s"},
+                           "http": {"http1MaxPendingRequests": 1000, "idleTimeout": "60s"}},
+        "outlierDetection": {"consecutive5xxErrors": 5, "interval": "10s",
+                             "baseEjectionTime": "30s", "maxEjectionPercent": 50}}},
+}
+
 
 @dataclass
 class Scenario:
@@ -81,6 +95,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="feature cost matrix: meshcore (1 worker) under the variants of "
                         "bench/matrix.yaml, relative to its `baseline` variant")
     p.add_argument("--variants", help="with --matrix: comma list of variants (default: all)")
+    p.add_argument("--profile", choices=["bare", "istio"], default="bare",
+                   help="bare: a ServiceEntry only, no access log; istio: the Istio-realistic "
+                        "config (retries and a timeout, a connection pool and outlier "
+                        "detection, access log on) for meshcore and Envoy alike (default bare)")
+    p.add_argument("--breakdown", action="store_true",
+                   help="time meshcore's policy calls and access log per request and report "
+                        "where its CPU goes (loop, policy, access log, kernel)")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     p.add_argument("--no-wrk", action="store_true", help="do not use wrk even when installed")
     p.add_argument("--backend", choices=["auto", "nginx", "builtin"], default="auto",
@@ -150,6 +171,29 @@ def variant_yaml(name: str, spec: dict) -> str:
     if spec.get("yaml"):
         text = (text + "---\n" if text else "") + spec["yaml"].strip() + "\n"
     return text
+
+
+def breakdown(before: dict, after: dict) -> dict | None:
+    """Per request, from two snapshots of the workers' loop counters (same instants for CPU
+    and requests): worker CPU in user and kernel mode, and the time in policy calls and in the
+    access log (both user mode); the rest of user time is the loop itself."""
+    n = user = kernel = policy = log = calls = 0.0
+    for pid, b in after.items():
+        a = before.get(pid)
+        if a is None:
+            continue
+        n += b["requests"] - a["requests"]
+        user += b["cpu_user"] - a["cpu_user"]
+        kernel += b["cpu_sys"] - a["cpu_sys"]
+        policy += b["policy_seconds"] - a["policy_seconds"]
+        log += b["log_seconds"] - a["log_seconds"]
+        calls += b["policy_calls"] - a["policy_calls"]
+    if n <= 0:
+        return None
+    us = 1e6 / n
+    return {"requests": int(n), "worker_us": (user + kernel) * us, "user_us": user * us,
+            "kernel_us": kernel * us, "policy_us": policy * us, "log_us": log * us,
+            "loop_us": max(user - policy - log, 0.0) * us, "policy_calls_per_request": calls / n}
 
 
 class Progress:
@@ -224,16 +268,19 @@ class Bench:
                                       access_log=bool(spec.get("access_log")),
                                       extra_yaml=variant_yaml(name, spec),
                                       flags=[str(f) for f in spec.get("flags", [])],
-                                      label=f"meshcore 1 worker, variant {name}"))
+                                      label=f"meshcore 1 worker, variant {name}",
+                                      loop_stats=a.breakdown))
             return out, "mx-baseline"
         self.variants = None
         wanted = [t.strip().lower() for t in a.targets.split(",") if t.strip()]
         out = []
+        profile = {"extra_yaml": variant_yaml("istio", ISTIO_PROFILE), "access_log": True} \
+            if a.profile == "istio" else {}
         for name in wanted:
             if name == "direct":
                 out.append(T.Direct())
             elif name == "meshcore":
-                out.append(T.Meshcore("meshcore", 1))
+                out.append(T.Meshcore("meshcore", 1, loop_stats=a.breakdown, **profile))
             elif name == "meshcore-n" or re.fullmatch(r"meshcore-\d+w", name):
                 n = a.workers if name == "meshcore-n" else int(name[9:-1])
                 if n == 1 and "meshcore" in wanted:
@@ -242,7 +289,7 @@ class Bench:
                 if self.srv_cpus and n > len(self.srv_cpus.split(",")):
                     self.notes.append(f"--pin: meshcore-{n}w's {n} workers share CPU(s) "
                                       f"{self.srv_cpus}, so they cannot scale here")
-                out.append(T.Meshcore(f"meshcore-{n}w", n))
+                out.append(T.Meshcore(f"meshcore-{n}w", n, loop_stats=a.breakdown, **profile))
             elif name in ("envoy", "nginx", "haproxy"):
                 binary = self.tools[name]
                 if not binary:
@@ -299,6 +346,8 @@ class Bench:
         pids = t.pids()
         bpids = self.backend.pids()
         from bench.procs import CpuSample
+        loop_stats = a.breakdown and getattr(t, "stats_prefix", None)
+        s0 = t.loop_stats_snapshot() if loop_stats else None
         c0, b0, w0 = CpuSample(pids), CpuSample(bpids), time.monotonic()
         row = {"round": rnd, "target": t.name, "scenario": sc.key, "conns": sc.conns,
                "mode": sc.mode, "requested_rate": rate}
@@ -323,6 +372,9 @@ class Bench:
             "backend_cpu_per_1k_s": bcpu / served * 1000 if served else None,
             "target_alive": t.proc.alive() if t.proc else True,
         })
+        if loop_stats:
+            time.sleep(0.25)  # the workers write their counters every 0.2 s
+            row["breakdown"] = breakdown(s0, t.loop_stats_snapshot())
         return row
 
     def plan(self, kinds: list[Scenario]) -> float:

@@ -64,7 +64,7 @@ class Proc:
     """A child started in its own session, so the whole tree can be stopped."""
 
     def __init__(self, name: str, argv: list[str], logdir: str, stdout_path: str | None = None,
-                 cpus: str | None = None, cwd: str | None = None):
+                 cpus: str | None = None, cwd: str | None = None, env: dict | None = None):
         self.name = name
         self.argv = argv
         self.cpus = cpus
@@ -76,7 +76,8 @@ class Proc:
         self._out = open(stdout_path, "wb") if stdout_path else self._log
         self.popen = subprocess.Popen(full, stdout=self._out, stderr=self._log,
                                       stdin=subprocess.DEVNULL, start_new_session=True,
-                                      cwd=cwd or REPO)
+                                      cwd=cwd or REPO,
+                                      env=dict(os.environ, **env) if env else None)
 
     @property
     def pid(self) -> int:
@@ -318,7 +319,8 @@ class Meshcore(Target):
     kind = "meshcore"
 
     def __init__(self, name: str, workers: int, endpoints: int = 1, access_log: bool = False,
-                 extra_yaml: str = "", flags: list[str] | None = None, label: str | None = None):
+                 extra_yaml: str = "", flags: list[str] | None = None, label: str | None = None,
+                 loop_stats: bool = False):
         super().__init__(name, label or f"meshcore, {workers} worker{'s' if workers > 1 else ''}")
         self.workers = workers
         self.endpoints = endpoints
@@ -326,6 +328,10 @@ class Meshcore(Target):
         self.extra_yaml = extra_yaml
         self.flags = flags or []
         self.admin_port = 0
+        # --breakdown: the workers time their policy calls and access log and write their loop
+        # counters with their CPU times to <stats_prefix>.<pid> (meshcore.worker.housekeeping)
+        self.stats_prefix = None
+        self.loop_stats = loop_stats
 
     def start(self, backend, cfgdir, logdir, cpus):
         if self.endpoints > len(backend.ports):
@@ -343,7 +349,26 @@ class Meshcore(Target):
         else:  # the access log goes to stdout: a file in the log dir, removed after the run
             stdout = os.path.join(logdir, f"{self.name}.access.log")
         argv += self.flags
-        self.proc = Proc(self.name, argv, logdir, stdout_path=stdout, cpus=cpus)
+        env = None
+        if self.loop_stats:
+            self.stats_prefix = os.path.join(logdir, f"{self.name}.loopstats")
+            env = {"MESHCORE_LOOP_STATS": self.stats_prefix}
+        self.proc = Proc(self.name, argv, logdir, stdout_path=stdout, cpus=cpus, env=env)
+
+    def loop_stats_snapshot(self) -> dict[int, dict]:
+        """The workers' latest loop counters and CPU times, by pid (--breakdown)."""
+        import glob
+        import json
+        out = {}
+        for path in glob.glob(f"{self.stats_prefix}.*"):
+            if path.endswith(".tmp"):
+                continue
+            try:
+                with open(path) as f:
+                    out[int(path.rsplit(".", 1)[1])] = json.load(f)
+            except (OSError, ValueError):
+                pass
+        return out
 
     def _admin_ready(self):
         return http_get(self.admin_port, "/ready", host="127.0.0.1") == 200
