@@ -992,7 +992,7 @@ def _route_policies(r: HttpRoute, port: int, info, resolve_dest, clusters) -> li
             continue
         if wcs_cache is None:
             wcs_cache = [(resolve_dest(d, port, label, dp), w, ops) for d, w, dp, ops in r.dests]
-        weighted = len(wcs_cache) > 1
+        weighted = r.weighted  # Istio: route[] with several entries -> weighted_clusters
         wcs = []
         for cname, w, ops in wcs_cache:
             rewrite, req, resp = _destination_actions(r, prefix, ops, weighted)

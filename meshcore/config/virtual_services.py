@@ -88,6 +88,7 @@ class HttpRoute:
     redirect: object = None  # istio.HTTPRedirect or None
     direct: object = None  # DirectResponse or None
     cors: object = None  # Cors or None
+    weighted: bool = False  # several destinations listed: Envoy weighted_clusters (even if one is left)
 
     @property
     def names(self):
@@ -499,7 +500,7 @@ def _compile_http(doc: Doc, i: int, h: istio.HTTPRoute, rep: Report, workload: W
         where = f if f.startswith("metadata.") else (f"{path}.{f}" if f else path)
         rep.warn(label, where, msg)
     return HttpRoute(pieces, tuple(dests), timeout, retry, fault, mirrors, path, h.retries,
-                     route_ops, h.rewrite, h.redirect, direct, cors)
+                     route_ops, h.rewrite, h.redirect, direct, cors, len(h.route) > 1)
 
 
 def compile_virtual_services(vs_docs: list[Doc], rep: Report, workload: Workload) -> dict[str, VsInfo]:

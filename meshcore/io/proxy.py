@@ -40,10 +40,13 @@ from meshcore.policy.retry import (RETRY_REQUEST_HEADERS, Reason, RetryState, fi
 from meshcore.policy.timeout import TIMEOUT_REQUEST_HEADERS, plan_deadlines, route_timeout_override
 from meshcore.proto.wire import (BODY_CHUNKED, BODY_LENGTH, BODY_NONE, MAX_REQUEST_HEAD,
                                  MAX_REQUEST_LINE, parse_request, request_body_kind)
-from meshcore.routing.table import find_route, pick_destination
+from meshcore.config.discovery import needs_request_target
+from meshcore.routing.actions import local_response, response_edits, upstream_request
+from meshcore.routing.table import find_route, pick_weighted
 from meshcore.shm.layout import (W_INDEX, W_UPSTREAM_RQ_PENDING_OVERFLOW, W_UPSTREAM_RQ_RETRY_SUCCESS,
                                  W_UPSTREAM_RQ_RX_RESET, W_UPSTREAM_RQ_TIMEOUT, W_UPSTREAM_RQ_TOTAL)
 from meshcore.upstream.cluster import rebuild
+from meshcore.upstream.original_dst import request_cluster_state
 
 HEADER_TIMEOUT = 10.0  # whole header section; trickling bytes does not extend it (hardening.md §3.5)
 IDLE_TIMEOUT = 3600.0  # downstream keep-alive idle timeout (Envoy's 1 h default)
@@ -284,9 +287,17 @@ async def _proxy(ctx, dsock, head, data, rec, t0):
         if abort is not None:
             await _local(dsock, rec, route.fault.abort_reply, close_on_local)
             return not close_on_local, leftover
-    cluster_name = pick_destination(route, rng.getrandbits(32))
+    if route.cors is not None or route.direct is not None:  # CORS preflight, redirect, directResponse
+        answer = local_response(route, head)
+        if answer is not None:
+            await _local(dsock, rec, answer[0], close_on_local, extra=answer[1])
+            return not close_on_local, leftover
+    wc = pick_weighted(route, rng.getrandbits(32))
+    cluster_name = wc.cluster if wc is not None else ""
     rec.cluster = cluster_name
     state = ctx.clusters.get(cluster_name)
+    if state is not None and needs_request_target(state.policy):  # original destination, DYNAMIC_DNS
+        state = await request_cluster_state(state, head.host, rng, ctx.segment, ctx.worker)
     if state is None or state.n == 0:
         await _local(dsock, rec, lr.NO_HEALTHY_UPSTREAM, close_on_local)
         return not close_on_local, leftover
@@ -297,7 +308,7 @@ async def _proxy(ctx, dsock, head, data, rec, t0):
         forwarded = head.forward_headers(STRIPPED_REQUEST_HEADERS)
     else:
         retry, timeout, forwarded = route.retry, route.timeout, head.forward_headers()
-    upstream_head = _upstream_head(ctx, head, forwarded, body_kind, body_len, rec)
+    upstream_head = _upstream_head(ctx, head, forwarded, body_kind, body_len, rec, wc)
     if head.expect_continue:
         try:
             await send_all(dsock, CONTINUE_100)
@@ -325,7 +336,7 @@ async def _proxy(ctx, dsock, head, data, rec, t0):
     if deadlines.global_timeout_ms:
         with trio.move_on_at(deadlines.global_deadline) as scope:
             keep = await _forward(ctx, dsock, head, body, rec, t0, state, retry, deadlines,
-                                  upstream_head, mirrors, hashing)
+                                  upstream_head, mirrors, hashing, response_edits(wc, route, head))
         if scope.cancelled_caught:
             state.stats.inc(W_UPSTREAM_RQ_TIMEOUT)
             if rec.status:  # the response already started: abort the client connection
@@ -336,11 +347,11 @@ async def _proxy(ctx, dsock, head, data, rec, t0):
             return False, b""
     else:
         keep = await _forward(ctx, dsock, head, body, rec, t0, state, retry, deadlines, upstream_head,
-                              mirrors, hashing)
+                              mirrors, hashing, response_edits(wc, route, head))
     return keep, body.leftover
 
 
-def _upstream_head(ctx, head, forwarded, body_kind, body_len, rec) -> bytes:
+def _upstream_head(ctx, head, forwarded, body_kind, body_len, rec, wc=None) -> bytes:
     """The request line and headers shared by every attempt; per-attempt lines are appended."""
     parts = [head.method, b" ", head.path, b" HTTP/1.1\r\nhost: ", head.host or b"", b"\r\n",
              forwarded]
@@ -357,6 +368,9 @@ def _upstream_head(ctx, head, forwarded, body_kind, body_len, rec) -> bytes:
         peer = remote.rsplit(":", 1)[0].strip("[]").encode()
         xff = head.get(b"x-forwarded-for")
         parts.append(b"x-forwarded-for: " + (xff + b"," + peer if xff else peer) + b"\r\n")
+    if wc is not None and (wc.rewrite is not None or wc.request_headers is not None):
+        path, host, block = upstream_request(wc, head, b"".join(parts[6:]))  # route actions
+        parts[2], parts[4], parts[6:] = path, host, [block]
     if body_kind == BODY_LENGTH:
         parts.append(b"content-length: %d\r\n" % body_len)
     elif body_kind == BODY_CHUNKED:
@@ -367,7 +381,7 @@ def _upstream_head(ctx, head, forwarded, body_kind, body_len, rec) -> bytes:
 
 
 async def _forward(ctx, dsock, head, body, rec, t0, state, retry, deadlines, upstream_head,
-                   mirrors, hashing) -> bool:
+                   mirrors, hashing, resp_edits=None) -> bool:
     """The attempt loop: pick, exchange, classify, decide; then relay or reply. Returns keep-alive.
 
     `mirrors`: copies still to send once the body is complete (after the first attempt read it).
@@ -455,7 +469,7 @@ async def _forward(ctx, dsock, head, body, rec, t0, state, retry, deadlines, ups
             # Envoy adds the invented cookie once per host selection, to upstream responses only
             extra = b"".join(b"set-cookie: " + c + b"\r\n" for c in cookies) * picks if cookies else b""
             reusable, complete = await relay_response(dsock, conn, head, att.rhead, att.rdata, rec,
-                                                      service_ms, extra)
+                                                      service_ms, extra, resp_edits)
         except BaseException:
             release(state, conn, False, False)
             raise

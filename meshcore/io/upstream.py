@@ -174,7 +174,7 @@ async def exchange(state, ep: int, att: Attempt, body, head_bytes: bytes, replay
 
 
 async def relay_response(dsock, conn: UpstreamConn, req, rhead, data: bytes, rec,
-                         service_ms: int, extra: bytes = b""):
+                         service_ms: int, extra: bytes = b"", edits=None):
     """Stream the response downstream. Returns (upstream reusable, response complete).
 
     Error handling: an upstream failure mid-body aborts (the caller closes the client
@@ -193,7 +193,10 @@ async def relay_response(dsock, conn: UpstreamConn, req, rhead, data: bytes, rec
     status = rhead.status
     rec.status = status
     rec.details = "via_upstream"
-    parts = [b"HTTP/1.1 %d %s\r\n" % (status, rhead.reason), rhead.forward_headers(_RESPONSE_DROP),
+    headers = rhead.forward_headers(_RESPONSE_DROP)
+    if edits is not None:  # the route's response header edits and CORS (meshcore.routing.actions)
+        headers = edits.apply(headers)
+    parts = [b"HTTP/1.1 %d %s\r\n" % (status, rhead.reason), headers,
              b"server: envoy\r\nx-envoy-upstream-service-time: %d\r\n" % service_ms, extra]
     if kind == BODY_LENGTH:
         parts.append(b"content-length: %d\r\n" % length)

@@ -18,6 +18,7 @@ from meshcore.local_reply import LocalReply
 from meshcore.routing.matchers import compile_re2
 
 __all__ = ["HeaderEdits", "Stage", "DirectResponse", "Redirect", "Rewrite", "Cors", "re2_substitution",
+           "local_response", "response_edits", "upstream_request",
            "DIRECT_RESPONSE_DETAILS", "CORS_DETAILS"]
 
 DIRECT_RESPONSE_DETAILS = "direct_response"
@@ -29,22 +30,26 @@ CORS_DETAILS = "cors_response"
 
 
 class Stage:
-    """One Envoy HeaderParser: remove the `removes` names, then apply `ops` in order.
+    """One Envoy HeaderParser (HeaderParser::evaluateHeaders): remove the `removes` names, then
+    apply every overwriting op in order, then every appending op in order.
 
     `ops`: (lowercase name, ready `name: value` line without CRLF, overwrite). overwrite is
     OVERWRITE_IF_EXISTS_OR_ADD (Istio `set`: every existing line of that name goes, one new line is
     appended), otherwise APPEND_IF_EXISTS_OR_ADD (Istio `add`: one more line, on HTTP/1.1 a second
-    header line, never a comma-joined value).
+    header line, never a comma-joined value). Because overwrites come first, an `add` of a name
+    that a `set` also names keeps both lines, as Envoy does.
     """
 
-    __slots__ = ("removes", "ops")
+    __slots__ = ("removes", "ops", "overwrites", "appends")
 
     def __init__(self, removes=(), ops=()):
         self.removes = frozenset(removes)
         self.ops = tuple(ops)
+        self.overwrites = tuple((n, line) for n, line, ow in self.ops if ow)
+        self.appends = tuple((n, line) for n, line, ow in self.ops if not ow)
 
     def touches(self) -> frozenset:
-        return self.removes | {n for n, _, overwrite in self.ops if overwrite}
+        return self.removes | {n for n, _ in self.overwrites}
 
     def __eq__(self, other):
         return isinstance(other, Stage) and (self.removes, self.ops) == (other.removes, other.ops)
@@ -73,9 +78,9 @@ class HeaderEdits:
         for s in self.stages:
             touched |= s.touches()
         self._touched = touched
-        # When no existing line is touched, the edits only append these lines (the common case).
-        self._appended = b"".join(line + b"\r\n" for s in self.stages for _, line, _ in s.ops)
         self._lines = self._apply_lines([])
+        # When no existing line is touched, the edits only append (the common case).
+        self._appended = self._lines
 
     def __bool__(self):
         return bool(self.stages)
@@ -93,10 +98,10 @@ class HeaderEdits:
         for s in self.stages:
             if s.removes:
                 lines = [x for x in lines if x[0] not in s.removes]
-            for name, line, overwrite in s.ops:
-                if overwrite:
-                    lines = [x for x in lines if x[0] != name]
+            for name, line in s.overwrites:
+                lines = [x for x in lines if x[0] != name]
                 lines.append((name, line))
+            lines.extend(s.appends)
         return b"".join(line + b"\r\n" for _, line in lines)
 
     def apply(self, block: bytes) -> bytes:
@@ -298,12 +303,17 @@ class Rewrite:
         return path
 
     def apply(self, path: bytes, host: bytes) -> tuple[bytes, bytes, bytes]:
-        """(new path, new host, extra header lines) for the upstream request."""
+        """(new path, new host, extra header lines) for the upstream request. Envoy 1.40 sends the
+        original authority as `x-envoy-original-host` when it rewrites it, and the original path
+        (query included) as `x-envoy-original-path` when it rewrites that."""
         extra = b""
+        if self.authority:
+            extra = b"x-envoy-original-host: " + host + b"\r\n"
+            host = self.authority
         if self.rewrites_path:
-            extra = b"x-envoy-original-path: " + path + b"\r\n"
+            extra += b"x-envoy-original-path: " + path + b"\r\n"
             path = self.path(path)
-        return path, (self.authority or host), extra
+        return path, host, extra
 
     def describe(self) -> dict:
         d = {}
@@ -415,6 +425,8 @@ class Cors:
             lines.append(b"access-control-allow-headers: " + value)
         if self.max_age:
             lines.append(b"access-control-max-age: " + self.max_age)
+        if allowed and self.expose_headers:  # the filter's encodeHeaders runs on its own reply too
+            lines.append(b"access-control-expose-headers: " + self.expose_headers)
         extra = b"".join(line + b"\r\n" for line in lines)
         return LocalReply(200, b"", "-", CORS_DETAILS), extra
 
@@ -440,3 +452,56 @@ class Cors:
                          "max_age": self.max_age.decode("latin-1"),
                          "allow_credentials": self.allow_credentials,
                          "forward_not_matching_preflights": self.forward_unmatched}}
+
+
+# ------------------------------------------------------------------------------------------------
+# What the I/O shell calls (one call per concern; each returns ready bytes or None)
+
+
+def local_response(route, head):
+    """The local answer of a route for this request, or None to forward it: a CORS preflight the
+    filter answers, a redirect or a direct response. Returns (LocalReply, extra header lines)."""
+    cors = route.cors
+    if cors is not None:
+        pre = cors.preflight(head)
+        if pre is not None:
+            return pre
+    direct = route.direct
+    if direct is None:
+        return None
+    reply, extra = direct.respond(head)
+    if cors is not None:
+        edits = cors.response_edits(head)
+        if edits is not None:
+            extra = edits.apply(extra)
+    return reply, extra
+
+
+def upstream_request(wc, head, block: bytes) -> tuple[bytes, bytes, bytes]:
+    """(path, host, header block) of the upstream request for destination `wc`: the route's
+    rewrite (prefix/regex path, authority; `x-envoy-original-path` added when the path changes)
+    and request header edits applied to `block` (the forwarded header lines, CRLF-terminated)."""
+    path, host = head.path, head.host or b""
+    edits = wc.request_headers
+    if edits is not None:  # Envoy evaluates the header edits before it rewrites the path
+        block = edits.apply(block)
+    rw = wc.rewrite
+    if rw is not None:
+        path, host, extra = rw.apply(path, host)
+        block += extra
+    return path, host, block
+
+
+def response_edits(wc, route, head) -> HeaderEdits | None:
+    """The edits for the upstream response's headers: the destination's and route's response
+    header edits, then what the CORS filter adds; None when there are none."""
+    edits = wc.response_headers if wc is not None else None
+    cors = route.cors
+    if cors is None:
+        return edits
+    extra = cors.response_edits(head)
+    if extra is None:
+        return edits
+    if edits is None:
+        return extra
+    return HeaderEdits(edits.stages + extra.stages)
