@@ -658,6 +658,7 @@ def _cluster(name: str, host: str, port: int, subset: str, endpoints, dr: _DrInf
         hash_policy=hash_policy,
         ring_config=ring_config,
         discovery=discovery,
+        per_request_endpoints=discovery in PER_REQUEST_DISCOVERY or port == ANY_PORT,
         tls=tls,
         slow_start=slow_start,
         locality_lb=locality_lb,

@@ -20,7 +20,8 @@ DEFAULT_PORT = 80  # a Host without a port is routed as port 80 (meshcore.routin
 
 
 def needs_request_target(policy: ClusterPolicy) -> bool:
-    """True when the cluster's endpoints come from the request (see module doc)."""
+    """True when the cluster's endpoints come from the request (see module doc); the compiler
+    stores it as ClusterPolicy.per_request_endpoints."""
     return policy.discovery in PER_REQUEST_DISCOVERY or policy.port == ANY_PORT
 
 

@@ -57,6 +57,9 @@ class ClusterPolicy:
     hash_policy: object = None
     ring_config: object = None
     discovery: str = DISCOVERY_STATIC  # one of the DISCOVERY_* kinds above
+    # True when the endpoints come from each request (original destination, dynamic DNS, a
+    # ServiceEntry without ports): meshcore.config.discovery.request_endpoints derives them
+    per_request_endpoints: bool = False
     # upstream TLS origination (meshcore.config.tls.ClientTlsPolicy); None = plaintext (or DISABLE)
     tls: object = None
     # loadBalancer.warmup (meshcore.upstream.balancer.SlowStart); None = no slow start

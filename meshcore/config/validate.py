@@ -9,6 +9,7 @@ Each `check_*` returns a `Checks`: `.errors` and `.warnings`, lists of (path, me
 """
 from __future__ import annotations
 
+import base64
 import ipaddress
 import posixpath
 import re
@@ -419,6 +420,11 @@ def _http_route(v: Checks, h: istio.HTTPRoute, path: str, delegate: bool) -> Non
         if dr.body is not None:
             if dr.body.string is not None and dr.body.bytes_ is not None:
                 v.error(f"{dp}.body", "only one of string or bytes may be set")
+            if dr.body.bytes_ is not None:
+                try:
+                    base64.b64decode(dr.body.bytes_, validate=True)
+                except ValueError:
+                    v.error(f"{dp}.body.bytes", "invalid base64")
             size = len((dr.body.string or "").encode()) + len(dr.body.bytes_ or "") * 3 // 4
             if size > 1024 * 1024:
                 v.error(f"{dp}.body", "large direct_responses may impact control plane performance, must be less than 1MB")

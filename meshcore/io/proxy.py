@@ -40,7 +40,6 @@ from meshcore.policy.retry import (RETRY_REQUEST_HEADERS, Reason, RetryState, fi
 from meshcore.policy.timeout import TIMEOUT_REQUEST_HEADERS, plan_deadlines, route_timeout_override
 from meshcore.proto.wire import (BODY_CHUNKED, BODY_LENGTH, BODY_NONE, MAX_REQUEST_HEAD,
                                  MAX_REQUEST_LINE, parse_request, request_body_kind)
-from meshcore.config.discovery import needs_request_target
 from meshcore.routing.actions import local_response, response_edits, upstream_request
 from meshcore.routing.table import find_route, pick_weighted
 from meshcore.shm.layout import (W_INDEX, W_UPSTREAM_RQ_PENDING_OVERFLOW, W_UPSTREAM_RQ_RETRY_SUCCESS,
@@ -296,7 +295,7 @@ async def _proxy(ctx, dsock, head, data, rec, t0):
     cluster_name = wc.cluster if wc is not None else ""
     rec.cluster = cluster_name
     state = ctx.clusters.get(cluster_name)
-    if state is not None and needs_request_target(state.policy):  # original destination, DYNAMIC_DNS
+    if state is not None and state.policy.per_request_endpoints:  # original destination, DYNAMIC_DNS
         state = await request_cluster_state(state, head.host, rng, ctx.segment, ctx.worker)
     if state is None or state.n == 0:
         await _local(dsock, rec, lr.NO_HEALTHY_UPSTREAM, close_on_local)

@@ -1,5 +1,6 @@
 """A recording HTTP/1.1 upstream on 127.0.0.1 for route-action and discovery tests."""
 import socket
+from http import HTTPStatus
 import threading
 
 
@@ -13,6 +14,7 @@ class Upstream:
         self.sock.listen(64)
         self.port = self.sock.getsockname()[1]
         self.seen = []
+        self.status = 200  # what every response answers; a test may change it
         self.lock = threading.Lock()
         threading.Thread(target=self._accept, daemon=True).start()
 
@@ -39,8 +41,10 @@ class Upstream:
                 with self.lock:
                     self.seen.append((lines[0], headers))
                 body = b"ok"
-                c.sendall(b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\nx-up-remove: 1\r\nx-w: up\r\n"
-                          b"access-control-allow-origin: upstream\r\ncontent-length: %d\r\n\r\n" % len(body) + body)
+                status = self.status
+                c.sendall(b"HTTP/1.1 %d %s\r\ncontent-type: text/plain\r\nx-up-remove: 1\r\nx-w: up\r\n"
+                          b"access-control-allow-origin: upstream\r\ncontent-length: %d\r\n\r\n" % (status, HTTPStatus(status).phrase.encode(), len(body))
+                          + body)
         except OSError:
             pass
         finally:
