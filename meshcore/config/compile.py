@@ -209,7 +209,10 @@ def _walk(t, v, path: str, out: list) -> None:
                 continue
             f = fields.get(k) if isinstance(k, str) else None
             if f is None:
-                out.append((_key(path, k), "unknown field"))
+                camel = re.sub(r"_([a-z0-9])", lambda m: m.group(1).upper(), k) if isinstance(k, str) else k
+                # protobuf's own snake_case name (Istio's docs use some): say what YAML calls it
+                hint = f" (the YAML name is {camel})" if camel != k and camel in fields else ""
+                out.append((_key(path, k), "unknown field" + hint))
                 continue
             _walk(f.type, v[k], _key(path, k), out)
         for f in t.fields:

@@ -57,6 +57,15 @@ class ClientTlsPolicy:
             ctx.load_cert_chain(self.client_certificate, self.private_key)
         return ctx
 
+    def peer_allowed(self, peercert: dict) -> bool:
+        """After the handshake: with `subjectAltNames` set, the server certificate (as
+        `SSLSocket.getpeercert()` gives it) must carry one of them (Envoy's match_subject_alt_names,
+        exact); without, hostname checking against the SNI already happened in the handshake."""
+        if not self.subject_alt_names or self.insecure_skip_verify:
+            return True
+        names = {v for k, v in peercert.get("subjectAltName", ()) if k in ("DNS", "URI", "IP Address")}
+        return any(n in names for n in self.subject_alt_names)
+
     def describe(self) -> dict:
         return {k: getattr(self, k) for k in self.__slots__ if getattr(self, k) not in ("", (), False)}
 

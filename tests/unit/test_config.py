@@ -274,7 +274,7 @@ def test_every_problem_is_listed_across_documents_and_files():
                          "dr.yaml": textwrap.dedent(bad_dr).encode()})
     assert ei.value.problems == [
         "rules.yaml: VirtualService retry-vs: spec.http[0].retries.attempts: expected int, got str",
-        "rules.yaml: VirtualService retry-vs: spec.http[0].retries.per_try_timeout: unknown field",
+        "rules.yaml: VirtualService retry-vs: spec.http[0].retries.per_try_timeout: unknown field (the YAML name is perTryTimeout)",
         "dr.yaml: DestinationRule dr: spec.trafficPolicy.loadBalancer.simple: invalid value 'FASTEST'; "
         "expected one of LEAST_CONN, LEAST_REQUEST, PASSTHROUGH, RANDOM, ROUND_ROBIN, UNSPECIFIED",
         "dr.yaml: DestinationRule dr: spec.trafficPolicy.connectionPool.tcp.connectTimeout: "
@@ -572,7 +572,7 @@ def test_unknown_fields_everywhere():
     assert p == [
         "rules.yaml: VirtualService vs: metadata.color: unknown field",
         "rules.yaml: VirtualService vs: spec.http[0].route[0].destination.version: unknown field",
-        "rules.yaml: VirtualService vs: spec.http[0].retries.per_try_timeout: unknown field",
+        "rules.yaml: VirtualService vs: spec.http[0].retries.per_try_timeout: unknown field (the YAML name is perTryTimeout)",
         "rules.yaml: VirtualService vs: spec.bogus: unknown field",
         "rules.yaml: VirtualService vs: extra: unknown field",
     ]
@@ -1410,8 +1410,9 @@ def test_dump_is_readable_json():
     cl = {c["name"]: c for c in d["clusters"]}
     assert cl["outbound|80|v2|myweb-service"]["endpoints"][0] == {
         "address": "127.0.0.1", "port": 18084, "weight": 1, "labels": {"app": "myweb", "version": "v2"},
-        "key": "127.0.0.1:18084"}
+        "key": "127.0.0.1:18084", "locality": ""}
     assert cl["outbound|80|v2|myweb-service"]["lb_policy"] == "RANDOM"
+    assert (cl["outbound|80|v2|myweb-service"]["discovery"], cl["outbound|80|v2|myweb-service"]["tls"]) == ("STATIC", None)
     s2 = snap(with_se(vs_with_match('{name: m, uri: {regex: "/r+"}, ignoreUriCase: true, method: {exact: GET}, '
                                     'headers: {x: {}}, withoutHeaders: {y: {prefix: a}}, queryParams: {q: {exact: "1"}}}')
                       .replace("hosts: [a]", "hosts: [web]").replace("host: a}", "host: web}")))
