@@ -15,7 +15,7 @@ from __future__ import annotations
 import re
 
 from meshcore.local_reply import LocalReply
-from meshcore.routing.matchers import compile_re2
+from meshcore.routing.matchers import compile_re2, request_scheme
 
 __all__ = ["HeaderEdits", "Stage", "DirectResponse", "Redirect", "Rewrite", "Cors", "re2_substitution",
            "local_response", "response_edits", "upstream_request",
@@ -192,7 +192,7 @@ class Redirect:
         """The `location` of the redirect for this request."""
         request_host = head.host or b""
         forwarded_proto = head.get(b"x-forwarded-proto") or b"http"
-        scheme = self.scheme or b"http"  # a plaintext HTTP/1.1 listener: :scheme is http
+        scheme = self.scheme or request_scheme(head)  # a scheme redirect, else the request's :scheme
         host = self.host or _request_host(request_host, scheme, self.port, forwarded_proto)
         current = head.path
         if self.path:

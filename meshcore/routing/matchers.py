@@ -29,6 +29,7 @@ __all__ = [
     "HeaderMatch",
     "QueryMatch",
     "PseudoHeaderMatch",
+    "request_scheme",
     "ClaimMatch",
     "RequestMatch",
     "compile_re2",
@@ -271,11 +272,20 @@ class HeaderMatch:
         return (HeaderMatch, (self.name, self.matcher, self.invert))
 
 
+def request_scheme(head) -> bytes:
+    """Envoy's `:scheme` of a plaintext HTTP/1.1 request: the `x-forwarded-proto` it arrived with
+    when that is http or https (any case), else `http` (ConnectionManagerUtility's getScheme)."""
+    xfp = head.get(b"x-forwarded-proto")
+    if xfp is not None and xfp.lower() in (b"http", b"https"):
+        return xfp
+    return b"http"
+
+
 class PseudoHeaderMatch:
     """A header condition on an HTTP/2 pseudo-header name (`:path`, `:method`, `:authority`,
     `:scheme`), as Envoy evaluates it for an HTTP/1.1 request: `:path` is the full path with its
-    query, `:authority` the Host, `:scheme` is `http` on a plaintext listener. Same presence and
-    inversion rules as HeaderMatch (also used for the `scheme` match field)."""
+    query, `:authority` the Host, `:scheme` is request_scheme(). Same presence and inversion rules
+    as HeaderMatch (also used for the `scheme` match field)."""
 
     __slots__ = ("name", "matcher", "invert")
 
@@ -295,7 +305,7 @@ class PseudoHeaderMatch:
         elif n == b":authority":
             v = head.host
         else:
-            v = b"http"
+            v = request_scheme(head)
         if v is None:
             v = b""
         return self.matcher.test(v) != self.invert

@@ -142,6 +142,33 @@ spec:
       maxAge: 24h
       allowCredentials: true
     route: [{{destination: {{host: up.test}}}}]
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {{name: match}}
+spec:
+  hosts: [match.test]
+  gateways: [mesh, edge-gateway]
+  http:
+  - match: [{{port: 8080}}]        # another service port: not in this port's routes
+    directResponse: {{status: 200, body: {{string: port-8080}}}}
+  - match: [{{sourceLabels: {{app: other}}}}]   # another workload: not in this proxy's routes
+    directResponse: {{status: 200, body: {{string: other-workload}}}}
+  - match: [{{gateways: [edge-gateway]}}]       # the gateway only
+    directResponse: {{status: 200, body: {{string: gateway-only}}}}
+  - match: [{{headers: {{"@request.auth.claims.group": {{exact: admin}}}}}}]
+    directResponse: {{status: 200, body: {{string: claim}}}}
+  - match: [{{headers: {{":path": {{prefix: "/p?x="}}}}}}]
+    directResponse: {{status: 200, body: {{string: pseudo-path}}}}
+  - match: [{{headers: {{":method": {{exact: PUT}}, ":authority": {{prefix: match.}}}}}}]
+    directResponse: {{status: 200, body: {{string: pseudo-method}}}}
+  - match: [{{scheme: {{exact: https}}}}]
+    directResponse: {{status: 200, body: {{string: https}}}}
+  - match: [{{uri: {{prefix: /claimless}}, withoutHeaders: {{"@request.auth.claims[group]": {{exact: admin}}}}}}]
+    directResponse: {{status: 200, body: {{string: no-claim}}}}
+  - match: [{{scheme: {{exact: http}}, uri: {{exact: /scheme}}}}]
+    directResponse: {{status: 200, body: {{string: http}}}}
+  - directResponse: {{status: 200, body: {{string: fallback}}}}
 """
 
 
@@ -218,7 +245,33 @@ def _route_config(port):
             "max_age": "86400", "allow_credentials": True, "forward_not_matching_preflights": True,
             "filter_enabled": enabled}}),
     ])
-    return {"virtual_hosts": [redirect, direct, rw, hdr, cors]}
+    def body(text):
+        return {"status": 200, "body": {"inline_string": text}}
+
+    claims = {"filter": "istio_authn", "path": [{"key": "request.auth.claims"}, {"key": "group"}],
+              "value": {"list_match": {"one_of": {"string_match": {"exact": "admin"}}}}}
+    match = vh("match.test", [  # what istiod keeps for a sidecar on port 80 (gateways: {mesh})
+        {"match": {"prefix": "/", "case_sensitive": True, "dynamic_metadata": [claims]},
+         "direct_response": body("claim")},
+        {"match": {"prefix": "/", "case_sensitive": True,
+                   "headers": [{"name": ":path", "string_match": {"prefix": "/p?x="}}]},
+         "direct_response": body("pseudo-path")},
+        {"match": {"prefix": "/", "case_sensitive": True,
+                   "headers": [{"name": ":authority", "string_match": {"prefix": "match."}},
+                               {"name": ":method", "string_match": {"exact": "PUT"}}]},
+         "direct_response": body("pseudo-method")},
+        {"match": {"prefix": "/", "case_sensitive": True,
+                   "headers": [{"name": ":scheme", "string_match": {"exact": "https"}}]},
+         "direct_response": body("https")},
+        {"match": {"prefix": "/claimless", "case_sensitive": True,
+                   "dynamic_metadata": [{**claims, "invert": True}]},
+         "direct_response": body("no-claim")},
+        {"match": {"path": "/scheme", "case_sensitive": True,
+                   "headers": [{"name": ":scheme", "string_match": {"exact": "http"}}]},
+         "direct_response": body("http")},
+        {"match": {"prefix": "/", "case_sensitive": True}, "direct_response": body("fallback")},
+    ])
+    return {"virtual_hosts": [redirect, direct, rw, hdr, cors, match]}
 
 
 def _bootstrap(listen, admin, up_port):
@@ -319,6 +372,8 @@ CASES = [
     ("redirect_307", _req("/tmp?k=v", "redir.test")),
     ("redirect_with_response_header_303", _req("/hdr", "redir.test")),
     ("redirect_forwarded_proto_https", _req("/scheme", "redir.test:80", headers=[("X-Forwarded-Proto", "https")])),
+    ("redirect_keeps_forwarded_scheme", _req("/old", "redir.test:80", headers=[("X-Forwarded-Proto", "https")])),
+    ("redirect_ignores_bogus_forwarded_proto", _req("/old", "redir.test", headers=[("X-Forwarded-Proto", "ftp")])),
     ("direct_response_body", _req("/down", "direct.test")),
     ("direct_response_bytes", _req("/bytes", "direct.test")),
     ("direct_response_empty_with_header", _req("/empty", "direct.test")),
@@ -349,6 +404,15 @@ CASES = [
     ("cors_simple_bad_origin", _req("/g", "cors.test", headers=[("Origin", "https://evil.test")])),
     ("cors_no_origin", _req("/g", "cors.test")),
     ("cors_options_without_request_method", _req("/p", "cors.test", "OPTIONS", [("Origin", "https://ok.test")])),
+    ("match_pseudo_path_with_query", _req("/p?x=1", "match.test")),
+    ("match_pseudo_path_miss", _req("/p?y=1", "match.test")),
+    ("match_pseudo_method_and_authority", _req("/m", "match.test", "PUT")),
+    ("match_claim_never_without_authentication", _req("/c", "match.test",
+                                                      headers=[("x-jwt-claim-group", "admin")])),
+    ("match_without_claim_always", _req("/claimless", "match.test")),
+    ("match_scheme_is_http", _req("/scheme", "match.test")),
+    ("match_scheme_from_forwarded_proto", _req("/x", "match.test", headers=[("x-forwarded-proto", "https")])),
+    ("match_scheme_bogus_forwarded_proto", _req("/scheme", "match.test", headers=[("x-forwarded-proto", "gopher")])),
 ]
 
 
