@@ -435,6 +435,8 @@ def _check_lb(lb: istio.LoadBalancerSettings | None, path: str, label: str, rep:
         rep.error(label, path, "only one of warmupDurationSecs or warmup may be set")
     if lb.zone_aware_lb_setting is not None:
         rep.warn(label, f"{path}.zoneAwareLbSetting")
+    if lb.locality_lb_setting is not None and lb.locality_lb_setting.failover_priority:
+        rep.warn(label, f"{path}.localityLbSetting.failoverPriority")
     slow = lb.warmup is not None or lb.warmup_duration_secs is not None
     if slow and (lb.consistent_hash is not None or lb.simple in ("RANDOM", "PASSTHROUGH")):
         rep.warn(label, f"{path}.warmup" if lb.warmup is not None else f"{path}.warmupDurationSecs",

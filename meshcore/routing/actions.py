@@ -470,6 +470,8 @@ def local_response(route, head):
     if direct is None:
         return None
     reply, extra = direct.respond(head)
+    if head.method == b"HEAD" and reply.body:  # a response to HEAD never carries its body
+        reply = reply._replace(body=b"")
     if cors is not None:
         edits = cors.response_edits(head)
         if edits is not None:

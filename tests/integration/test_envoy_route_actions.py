@@ -436,6 +436,21 @@ def test_route_action_same_as_envoy(setup, name, raw):
         assert _upstream_headers(m_up) == _upstream_headers(e_up)
 
 
+def test_direct_response_to_a_head_request_has_no_body(setup):
+    # Envoy frames it `transfer-encoding: chunked` (see below), meshcore `content-length: 0`; neither
+    # sends the body, and the connection stays usable for the next request.
+    envoy, px, up = setup
+    for port in (envoy, px.port):
+        c = Client(port)
+        try:
+            c.send(_req("/down", "direct.test", method="HEAD") + _req("/down", "direct.test"))
+            head = c.read_response(head_request=True)
+            full = c.read_response()
+        finally:
+            c.close()
+        assert (head.status, head.body, full.status, full.body) == (503, b"", 503, b"down for maintenance")
+
+
 def test_redirect_of_a_head_request(setup):
     # Same status and location; Envoy 1.40 frames every body-less local reply to HEAD as
     # `transfer-encoding: chunked`, meshcore's local replies keep `content-length: 0` (framing of
