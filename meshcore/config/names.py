@@ -74,16 +74,21 @@ class ServiceNames:
     short ServiceEntry host stands in for. `canonical(name)` maps a (possibly expanded) name to
     the registry host it denotes, or returns it unchanged."""
 
-    __slots__ = ("_alias",)
+    __slots__ = ("_alias", "_hosts")
 
     def __init__(self):
         self._alias: dict[str, str] = {}
+        self._hosts: set[str] = set()
 
     def add(self, host: str, namespace: str) -> None:
+        self._hosts.add(host)
         if host and "." not in host and host != "*" and not _is_ip(host):
             self._alias.setdefault(f"{host}.{namespace}.{DOMAIN_SUFFIX}", host)
 
     def canonical(self, name: str) -> str:
+        """A ServiceEntry that names the Kubernetes FQDN itself wins over a short-host stand-in."""
+        if name in self._hosts:
+            return name
         return self._alias.get(name, name)
 
     def aliases(self):

@@ -125,6 +125,30 @@ def test_short_service_entry_host_stands_for_its_kubernetes_name():
     assert find_route(s, b"web.shop.svc.cluster.local:80", Head()) is r
 
 
+def test_a_service_entry_with_the_fqdn_wins_over_a_short_stand_in():
+    s = compile_text("""\
+    apiVersion: networking.istio.io/v1
+    kind: ServiceEntry
+    metadata: {name: short}
+    spec: {hosts: [web], ports: [{number: 80, name: http, protocol: HTTP}], resolution: STATIC,
+           endpoints: [{address: 10.0.0.1}]}
+    ---
+    apiVersion: networking.istio.io/v1
+    kind: ServiceEntry
+    metadata: {name: full}
+    spec: {hosts: [web.default.svc.cluster.local], ports: [{number: 80, name: http, protocol: HTTP}],
+           resolution: STATIC, endpoints: [{address: 10.0.0.2}]}
+    ---
+    apiVersion: networking.istio.io/v1
+    kind: VirtualService
+    metadata: {name: vs}
+    spec: {hosts: [web], http: [{timeout: 1s, route: [{destination: {host: web}}]}]}
+    """)
+    r = find_route(s, b"web.default.svc.cluster.local", Head())
+    assert r.timeout == 1.0 and r.destinations[0].cluster == "outbound|80||web.default.svc.cluster.local"
+    assert find_route(s, b"web", Head()).name == "default"  # the literal short host keeps its own vhost
+
+
 def test_export_to_hides_resources_from_other_namespaces():
     s = compile_text("""\
     apiVersion: networking.istio.io/v1
