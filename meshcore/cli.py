@@ -48,6 +48,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {text!r}")
+    return value
+
+
 def _labels(text: str) -> dict:
     out = {}
     for item in filter(None, (x.strip() for x in text.split(","))):
@@ -92,7 +102,7 @@ def _add_run_flags(p, config_required=True):
                    help="408 and close when a request head takes longer (slowloris defence)")
     p.add_argument("--admin-unsafe", action="store_true",
                    help="allow a non-loopback admin address")
-    p.add_argument("--dns-refresh-rate", type=float, default=60.0, metavar="SECONDS",
+    p.add_argument("--dns-refresh-rate", type=_positive_float, default=60.0, metavar="SECONDS",
                    help="re-resolve resolution: DNS names this often; a failed lookup keeps the "
                         "last good addresses (default: 60, Istio's)")
     _add_workload_flags(p)
