@@ -21,7 +21,6 @@ Rules of this module:
 from __future__ import annotations
 
 import hashlib
-import ipaddress
 import re
 from dataclasses import dataclass, field
 from typing import Callable

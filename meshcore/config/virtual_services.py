@@ -29,7 +29,7 @@ from meshcore.config.validate import check_virtual_service, is_claim
 from meshcore.policy.fault import fault_policy_from_istio
 from meshcore.policy.mirror import mirror_policies_from_istio
 from meshcore.policy.retry import retry_policy_from_istio
-from meshcore.routing.actions import (Cors, DirectResponse, HeaderEdits, Redirect, Rewrite, Stage,
+from meshcore.routing.actions import (Cors, DirectResponse, HeaderEdits, Redirect, Stage,
                                       re2_substitution)
 from meshcore.routing.matchers import (ClaimMatch, Exact, HeaderMatch, PathMatch, Prefix, Present,
                                        PseudoHeaderMatch, QueryMatch, Regex, RequestMatch)
@@ -375,10 +375,6 @@ def _headers(h: istio.Headers | None, label: str, path: str, rep: Report) -> tup
     req, authority = header_stage(h.request, label, f"{path}.request", rep)
     resp, _ = header_stage(h.response, label, f"{path}.response", rep)
     return req, resp, authority
-
-
-def _redirect_code(code) -> int:
-    return 301 if not code else code
 
 
 def redirect_for(r: istio.HTTPRedirect, prefix: tuple, extra: bytes, port: int) -> Redirect:

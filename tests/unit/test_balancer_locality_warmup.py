@@ -10,8 +10,7 @@ import pytest
 
 from meshcore.config.compile import compile_sources
 from meshcore.errors import ConfigError
-from meshcore.upstream.balancer import (LocalityLb, SlowStart, locality_lb_from_istio, make_cluster_balancer,
-                                        slow_start_from_istio, stamp_joined)
+from meshcore.upstream.balancer import SlowStart, make_cluster_balancer, stamp_joined
 
 
 class Book:
