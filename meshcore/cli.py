@@ -42,6 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     check = sub.add_parser("check", help="validate config files; exit non-zero on any error")
     check.add_argument("paths", nargs="+", metavar="FILE", help="YAML/JSON file or directory")
+    check.add_argument("--strict", action="store_true",
+                       help="treat every warning as an error, for CI (default: warnings only print)")
+    _add_workload_flags(check)
 
     demo = sub.add_parser("demo", help="start the demo backends and the proxy on examples/demo")
     _add_run_flags(demo, config_required=False)
@@ -52,6 +55,45 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("top", help="live per-cluster and per-endpoint view of a running proxy: "
                    "top [--admin HOST:PORT] (default 127.0.0.1:15000)", add_help=False)
     return parser
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {text!r}")
+    return value
+
+
+def _labels(text: str) -> dict:
+    out = {}
+    for item in filter(None, (x.strip() for x in text.split(","))):
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise argparse.ArgumentTypeError(f"expected key=value[,key=value...], got {text!r}")
+        out[key] = value
+    return out
+
+
+def _add_workload_flags(p):
+    """Who this proxy is, as Istio knows a sidecar: namespace, pod labels, locality."""
+    p.add_argument("--namespace", default=os.environ.get("POD_NAMESPACE") or "default",
+                   metavar="NS",
+                   help="this proxy's namespace, and that of documents naming none: short names "
+                        "expand to NAME.NS.svc.cluster.local, exportTo is checked against it; "
+                        "also the source namespace of the Istio metrics (default: "
+                        "$POD_NAMESPACE, else default)")
+    p.add_argument("--labels", type=_labels, default={}, metavar="K=V[,K=V]",
+                   help="this workload's labels, for sourceLabels matches and DestinationRule "
+                        "workloadSelector (default: none)")
+    p.add_argument("--locality", default="", metavar="REGION/ZONE/SUBZONE",
+                   help="this proxy's locality, for locality load balancing (default: none)")
+
+
+def _workload_options(args) -> dict:
+    return {"namespace": args.namespace, "labels": args.labels, "locality": args.locality}
 
 
 def _add_run_flags(p, config_required=True):
@@ -71,6 +113,10 @@ def _add_run_flags(p, config_required=True):
                    help="408 and close when a request head takes longer (slowloris defence)")
     p.add_argument("--admin-unsafe", action="store_true",
                    help="allow a non-loopback admin address")
+    p.add_argument("--dns-refresh-rate", type=_positive_float, default=60.0, metavar="SECONDS",
+                   help="re-resolve resolution: DNS names this often; a failed lookup keeps the "
+                        "last good addresses (default: 60, Istio's)")
+    _add_workload_flags(p)
     _add_observability_flags(p)
 
 
@@ -82,9 +128,6 @@ def _add_observability_flags(p):
     p.add_argument("--workload-name", default=None, metavar="NAME",
                    help="source_workload of the Istio metrics (default: $ISTIO_META_WORKLOAD_NAME,"
                         " else $POD_NAME without its pod suffixes, else unknown)")
-    p.add_argument("--namespace", default=os.environ.get("POD_NAMESPACE") or "default",
-                   metavar="NS", help="this workload's namespace (default: $POD_NAMESPACE, else "
-                                      "default)")
     p.add_argument("--app", default=None, metavar="APP",
                    help="source_app of the Istio metrics (default: the app label in "
                         "$ISTIO_METAJSON_LABELS, else unknown)")
@@ -102,16 +145,21 @@ def _add_observability_flags(p):
                         "json encoding, Istio's JSON fields)")
 
 
-def cmd_check(paths) -> int:
+def cmd_check(args) -> int:
     from meshcore.config.compile import compile_sources
     from meshcore.config.load import read_sources
     from meshcore.errors import ConfigError
     try:
-        snapshot = compile_sources(read_sources(paths))
+        snapshot = compile_sources(read_sources(args.paths), **_workload_options(args))
     except ConfigError as exc:
         for problem in exc.problems:
             print(problem, file=sys.stderr)
         print(f"{len(exc.problems)} error(s)", file=sys.stderr)
+        return 1
+    if args.strict and snapshot.warnings:
+        for warning in snapshot.warnings:
+            print(f"error (--strict): {warning}", file=sys.stderr)
+        print(f"{len(snapshot.warnings)} error(s) (warnings, with --strict)", file=sys.stderr)
         return 1
     for warning in snapshot.warnings:
         print(f"warning: {warning}", file=sys.stderr)
@@ -136,7 +184,8 @@ def cmd_run(args) -> int:
               "(pass --admin-unsafe to allow)", file=sys.stderr)
         return 2
     options = {"access_log": not args.no_access_log, "use_remote_address": args.use_remote_address,
-               "request_headers_timeout": args.request_headers_timeout}
+               "request_headers_timeout": args.request_headers_timeout,
+               "dns_refresh_rate": args.dns_refresh_rate, "workload": _workload_options(args)}
     problem = _observability_options(args, options)
     if problem:
         print(f"meshcore: {problem}", file=sys.stderr)
@@ -192,7 +241,7 @@ def main(argv=None) -> int:
         return top_main(argv[1:])
     args = build_parser().parse_args(argv)
     if args.command == "check":
-        return cmd_check(args.paths)
+        return cmd_check(args)
     if args.command == "run":
         return cmd_run(args)
     if args.command == "demo":

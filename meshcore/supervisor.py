@@ -22,6 +22,7 @@ import trio
 from meshcore import __version__
 from meshcore.admin import LOG_LEVELS, serve_admin, serve_prometheus
 from meshcore.config.compile import compile_sources
+from meshcore.config.dns import DEFAULT_REFRESH_RATE, DnsCache
 from meshcore.config.load import read_sources
 from meshcore.errors import ConfigError
 from meshcore.metrics import istio as istio_metrics
@@ -35,6 +36,7 @@ from meshcore.shm.segment import Segment
 from meshcore.shm.slots import SlotAllocator, SlotsExhausted
 from meshcore.stats_render import StatsCluster, cluster_views, render_stats
 from meshcore.upstream import outlier
+from meshcore.upstream.balancer import stamp_joined
 from meshcore.upstream.cluster import now_ms
 from meshcore.worker import worker_main
 
@@ -86,7 +88,7 @@ class WorkerSlot:
 
 class Supervisor:
     def __init__(self, config_paths, listen, admin, workers: int, options: dict, grace: float = 5.0,
-                 watch: bool = True):
+                 watch: bool = True, resolver=None):
         self.config_paths = list(config_paths)
         self.listen = listen
         self.admin = admin
@@ -115,6 +117,9 @@ class Supervisor:
         self.started_wall = time.time()
         self.started = time.monotonic()
         self._quit = None
+        # resolution DNS answers: refreshed every dns_refresh_rate s; the last good ones are kept
+        self.dns = DnsCache(resolver)
+        self.dns_refresh_rate = options.get("dns_refresh_rate", DEFAULT_REFRESH_RATE)
 
     # === config ===
 
@@ -124,7 +129,10 @@ class Supervisor:
         Returns (sources, snapshot, slots). Raises ConfigError; then nothing changed.
         """
         sources = read_sources(self.config_paths)
-        snapshot = compile_sources(sources, self.generation + 1)
+        snapshot = compile_sources(sources, self.generation + 1, dns=self.dns,
+                                   **self.options.get("workload", {}))
+        # endpoints a reload adds start their slow-start window now (loadBalancer.warmup)
+        snapshot = stamp_joined(self.snapshot, snapshot, now_ms())
         try:
             slots, new_clusters, new_hosts = self.allocator.allocate(snapshot)
         except SlotsExhausted as exc:
@@ -222,6 +230,7 @@ class Supervisor:
             if self.watch:
                 nursery.start_soon(self._watch)
             nursery.start_soon(self._sweep_outliers)
+            nursery.start_soon(self._refresh_dns_periodically)
             nursery.start_soon(self._announce)
             await self._quit.wait()
             await self._drain()
@@ -311,6 +320,25 @@ class Supervisor:
             if now != last:
                 last = now
                 self.reload("config files changed")
+
+    async def _refresh_dns_periodically(self) -> None:
+        while True:
+            await trio.sleep(self.dns_refresh_rate)
+            await self.refresh_dns()
+
+    async def refresh_dns(self) -> bool:
+        """Look the Snapshot's DNS names up again (in a thread); when an answer changed, recompile
+        and push the new Snapshot. A failed lookup keeps the last good addresses. Returns whether
+        a new config generation was loaded."""
+        names = self.snapshot.dns_names if self.snapshot is not None else ()
+        if not names:
+            return False
+        changed = await trio.to_thread.run_sync(self.dns.refresh, names)
+        if not changed:
+            return False
+        generation = self.generation
+        self.reload(f"DNS answers changed for {', '.join(changed)}")
+        return self.generation != generation
 
     async def _drain(self) -> None:
         self.stopping = True

@@ -11,13 +11,16 @@ Rules of this module:
   resolution top-level -> portLevelSettings (wholesale) -> subset (per component, then the subset's
   own portLevelSettings wholesale), LB defaults of Istio >= 1.14, connect timeout 10 s, route timeout
   0 (none), weights of 0 dropped, a single destination takes 100 %.
-- Only `resolution: DNS` touches the network (one getaddrinfo per name, at compile time); pass
-  `resolver=` to avoid it.
+- Only `resolution: DNS` touches the network (meshcore.config.dns: one lookup per name, cached and
+  refreshed by the supervisor); pass `resolver=` or `dns=` to avoid it.
+- The stages live in their own modules: meshcore.config.services (ServiceEntry, WorkloadEntry),
+  meshcore.config.virtual_services (VirtualService, delegates, route actions), this module
+  (documents, DestinationRules, clusters, virtual hosts); meshcore.config.validate is Istio's
+  validator, meshcore.config.names Kubernetes naming.
 """
 from __future__ import annotations
 
 import hashlib
-import ipaddress
 import re
 from dataclasses import dataclass, field
 from typing import Callable
@@ -28,98 +31,45 @@ import orjson
 import yaml
 
 from meshcore.config import istio
-from meshcore.policy.fault import fault_policy_from_istio
-from meshcore.policy.mirror import mirror_policies_from_istio
+from meshcore.config.report import NOT_IMPLEMENTED, Doc as _Doc, Report as _Report, key as _key
+from meshcore.config.dns import DnsCache
+from meshcore.config.names import DOMAIN_SUFFIX, ROOT_NAMESPACE, alt_domains, fqdn, visible
+from meshcore.config.services import compile_service_entries
+from meshcore.config.tls import tls_policy_from_istio
+from meshcore.config.validate import check_destination_rule
+from meshcore.config.virtual_services import (HttpRoute, Workload, compile_virtual_services,
+                                              redirect_for)
+from meshcore.routing.actions import HeaderEdits, Rewrite, Stage, re2_substitution
+from meshcore.upstream.balancer import locality_lb_from_istio, slow_start_from_istio
 from meshcore.upstream.breaker import breaker_limits_from_istio
 from meshcore.upstream.hashkey import hash_policy_from_istio
 from meshcore.upstream.outlier import outlier_policy_from_istio
 from meshcore.policy.retry import DEFAULT_CONSISTENT_HASH_POLICY, retry_policy_from_istio
 from meshcore.policy.retry import DEFAULT_POLICY as DEFAULT_RETRY_POLICY
 from meshcore.config.policy import (
+    ANY_PORT,
+    DISCOVERY_ORIGINAL_DST,
+    DISCOVERY_STATIC,
     LB_LEAST_REQUEST,
     LB_RANDOM,
     LB_ROUND_ROBIN,
+    PER_REQUEST_DISCOVERY,
     ClusterPolicy,
-    Endpoint,
     RoutePolicy,
     Snapshot,
     VirtualHostPolicy,
     WeightedCluster,
 )
 from meshcore.errors import ConfigError
-from meshcore.routing.matchers import (
-    Exact,
-    HeaderMatch,
-    PathMatch,
-    Prefix,
-    Present,
-    QueryMatch,
-    Regex,
-    RequestMatch,
-)
+from meshcore.routing.matchers import PathMatch, RequestMatch
 from meshcore.routing.table import RouteTable
 
 __all__ = ["compile_sources", "config_hash", "parse_documents", "NOT_IMPLEMENTED", "DEFAULT_CONNECT_TIMEOUT"]
 
-NOT_IMPLEMENTED = "not implemented yet; ignored"
 DEFAULT_CONNECT_TIMEOUT = 10.0  # MeshConfig connectTimeout default (semantics §2.8)
 DEFAULT_IDLE_TIMEOUT = 3600.0  # Envoy upstream idle timeout default (§2.12)
 
 Resolver = Callable[[str, int], list]
-
-
-def _default_resolver(name: str, port: int) -> list[str]:
-    """Every IPv4/IPv6 address of `name`, in getaddrinfo order, without duplicates."""
-    import socket  # only here: resolution DNS is the one place config compilation touches the network
-
-    out: list[str] = []
-    for fam, _, _, _, sa in socket.getaddrinfo(name, port, type=socket.SOCK_STREAM):
-        if fam in (socket.AF_INET, socket.AF_INET6) and sa[0] not in out:
-            out.append(sa[0])
-    return out
-
-
-# ------------------------------------------------------------------------------------------------
-# Problem reporting
-
-
-class _Report:
-    """Collects problems; `sorted_*` lists them in source order (file, then document), each once."""
-
-    def __init__(self):
-        self.errors: list[tuple[str, str]] = []  # (label, message)
-        self.warnings: list[tuple[str, str]] = []
-        self.order: dict[str, int] = {}  # document label -> position in the sources
-
-    @staticmethod
-    def _fmt(label: str, path: str, problem: str) -> str:
-        return f"{label}: {path}: {problem}" if path else f"{label}: {problem}"
-
-    def error(self, label: str, path: str, problem: str) -> None:
-        self.errors.append((label, self._fmt(label, path, problem)))
-
-    def warn(self, label: str, path: str, problem: str = NOT_IMPLEMENTED) -> None:
-        self.warnings.append((label, self._fmt(label, path, problem)))
-
-    def _sorted(self, items) -> list[str]:
-        big = len(self.order)
-        ranked = sorted(enumerate(items), key=lambda x: (self.order.get(x[1][0], big), x[0]))
-        return list(dict.fromkeys(msg for _, (_, msg) in ranked))
-
-    def sorted_errors(self) -> list[str]:
-        return self._sorted(self.errors)
-
-    def sorted_warnings(self) -> list[str]:
-        return self._sorted(self.warnings)
-
-
-_IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_-]*\Z")
-
-
-def _key(path: str, key) -> str:
-    if isinstance(key, str) and _IDENT.match(key):
-        return f"{path}.{key}" if path else key
-    return f"{path}[{orjson.dumps(key, default=str).decode()}]" if isinstance(key, str) else f"{path}[{key!r}]"
 
 
 # ------------------------------------------------------------------------------------------------
@@ -258,7 +208,10 @@ def _walk(t, v, path: str, out: list) -> None:
                 continue
             f = fields.get(k) if isinstance(k, str) else None
             if f is None:
-                out.append((_key(path, k), "unknown field"))
+                camel = re.sub(r"_([a-z0-9])", lambda m: m.group(1).upper(), k) if isinstance(k, str) else k
+                # protobuf's own snake_case name (Istio's docs use some): say what YAML calls it
+                hint = f" (the YAML name is {camel})" if camel != k and camel in fields else ""
+                out.append((_key(path, k), "unknown field" + hint))
                 continue
             _walk(f.type, v[k], _key(path, k), out)
         for f in t.fields:
@@ -319,42 +272,69 @@ _TYPE_INFO = {kind: mi.type_info(cls) for kind, cls in istio.RESOURCE_TYPES.item
 # Documents
 
 
-@dataclass
-class _Doc:
-    file: str
-    number: int
-    kind: str
-    name: str
-    namespace: str
-    label: str
-    obj: object  # istio.*Resource
+# Kinds of Istio's other APIs, and Kubernetes objects, that a config directory holds next to the
+# four meshcore reads: skipped with one warning each (never an error), as a sidecar that does not
+# act on them would. A networking.istio.io kind not listed here is a typo: an error.
+SKIPPED_ISTIO_KINDS = {
+    "networking.istio.io": ("Gateway", "Sidecar", "EnvoyFilter", "WorkloadGroup", "ProxyConfig"),
+    "security.istio.io": ("PeerAuthentication", "AuthorizationPolicy", "RequestAuthentication"),
+    "telemetry.istio.io": ("Telemetry",),
+    "extensions.istio.io": ("WasmPlugin", "TrafficExtension"),
+}
+_NETWORKING = "networking.istio.io"
 
 
-def _label(file: str, number: int, kind, meta) -> str:
+def _label(file: str, number: int, kind, meta, item: int | None = None) -> str:
     name = meta.get("name") if isinstance(meta, dict) else None
-    if isinstance(kind, str) and kind in istio.RESOURCE_TYPES and isinstance(name, str) and name:
+    if isinstance(kind, str) and kind and isinstance(name, str) and name:
         ns = meta.get("namespace")
         if isinstance(ns, str) and ns:
             return f"{file}: {kind} {ns}/{name}"
         return f"{file}: {kind} {name}"
+    if item is not None:
+        return f"{file}: document {number} items[{item}]"
     return f"{file}: document {number}"
 
 
-def _decode(file: str, number: int, raw, rep: _Report) -> _Doc | None:
+def _skip_reason(kind: str, api) -> str | None:
+    """Why a document is skipped, or None when meshcore reads (or rejects) it."""
+    if not isinstance(api, str) or not api:
+        return None
+    group = api.split("/", 1)[0] if "/" in api else ""
+    if group == _NETWORKING and kind in istio.RESOURCE_TYPES:
+        return None
+    if group == _NETWORKING and kind not in SKIPPED_ISTIO_KINDS[_NETWORKING]:
+        return None  # an unknown networking kind: reported as an error
+    if group in SKIPPED_ISTIO_KINDS:
+        return f"skipped: meshcore does not act on {kind} ({api})"
+    if kind in istio.RESOURCE_TYPES:
+        return None  # one of ours under a foreign apiVersion: an error
+    return (f"skipped: {kind} ({api}) is not an Istio traffic resource; meshcore reads "
+            f"{', '.join(istio.KINDS)}")
+
+
+def _decode(file: str, number: int, raw, rep: _Report, namespace: str = "default",
+            label: str | None = None) -> _Doc | None:
     if not isinstance(raw, dict):
-        rep.error(f"{file}: document {number}", "", f"expected object, got {_tname(raw)}")
+        rep.error(label or f"{file}: document {number}", "", f"expected object, got {_tname(raw)}")
         return None
     kind = raw.get("kind")
     meta = raw.get("metadata")
-    label = _label(file, number, kind, meta)
+    label = label or _label(file, number, kind, meta)
     if kind is None:
         rep.error(label, "kind", "missing required field")
         return None
     if not isinstance(kind, str):
         rep.error(label, "kind", f"expected str, got {_tname(kind)}")
         return None
+    skipped = _skip_reason(kind, raw.get("apiVersion"))
+    if skipped is not None:
+        rep.warn(label, "", skipped)
+        return None
     if kind not in istio.RESOURCE_TYPES:
-        rep.error(label, "kind", f"unknown kind {kind!r}; expected one of {', '.join(istio.KINDS)}")
+        skippable = sorted(k for ks in SKIPPED_ISTIO_KINDS.values() for k in ks)
+        rep.error(label, "kind", f"unknown kind {kind!r}; expected one of {', '.join(istio.KINDS)} "
+                                 f"(or one meshcore skips: {', '.join(skippable)})")
         return None
     ok = True
     api = raw.get("apiVersion")
@@ -389,8 +369,8 @@ def _decode(file: str, number: int, raw, rep: _Report) -> _Doc | None:
             path, msg = m.group(1), msg[: m.start()]
         rep.error(label, path, msg[:1].lower() + msg[1:].replace("`", ""))
         return None
-    ns = obj.metadata.namespace or "default"
-    return _Doc(file, number, kind, name, ns, label, obj)
+    ns = obj.metadata.namespace or namespace
+    return _Doc(file, number, kind, name, ns, label, obj, raw)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -398,61 +378,11 @@ def _decode(file: str, number: int, raw, rep: _Report) -> _Doc | None:
 
 
 @dataclass
-class _Port:
-    number: int
-    name: str
-    protocol: str
-    target_port: int = 0
-
-
-@dataclass
-class _Service:
-    host: str
-    ports: dict = field(default_factory=dict)  # number -> _Port, first declaration wins
-    endpoints: dict = field(default_factory=dict)  # number -> list[Endpoint]
-
-
-@dataclass
 class _DrInfo:
     doc: _Doc
     traffic_policy: object  # istio.TrafficPolicy | None
     subsets: dict = field(default_factory=dict)  # name -> istio.Subset
-
-
-@dataclass
-class _HttpRoute:
-    """An http[] entry with matchers compiled and destinations still unresolved."""
-
-    names: tuple  # route name per RoutePolicy piece
-    matches: tuple  # tuple of tuples of RequestMatch, one per piece
-    dests: tuple  # ((istio.Destination, weight, path), ...)
-    timeout: float
-    retry: object  # RetryPolicy or None
-    fault: object  # FaultPolicy or None
-    mirrors: tuple  # MirrorPolicy, ...
-    path: str  # spec.http[i], for messages about the route's destinations
-    retries: object  # the raw `retries` block: recompiled for consistent-hash destinations
-
-
-@dataclass
-class _VsInfo:
-    doc: _Doc
-    routes: list
-
-
-_HTTP_PROTOCOLS = {"", "HTTP", "HTTP2", "GRPC", "GRPC-WEB"}
-
-
-def _is_ip(s: str) -> bool:
-    try:
-        ipaddress.ip_address(s)
-        return True
-    except ValueError:
-        return False
-
-
-def _ep_key(address: str, port: int) -> str:
-    return f"[{address}]:{port}" if ":" in address else f"{address}:{port}"
+    used: bool = False
 
 
 def _wildcard_match(pattern: str, host: str) -> bool:
@@ -475,138 +405,6 @@ def _most_specific(host: str, table: dict):
 
 
 # ------------------------------------------------------------------------------------------------
-# ServiceEntry / WorkloadEntry
-
-
-def _compile_service_entries(se_docs, we_docs, rep: _Report, resolver: Resolver) -> dict[str, _Service]:
-    services: dict[str, _Service] = {}
-    for doc in se_docs:
-        se: istio.ServiceEntry = doc.obj.spec
-        label = doc.label
-        ok = True
-        resolution = se.resolution or "NONE"
-        if resolution == "NONE":
-            rep.error(label, "spec.resolution", "resolution NONE (passthrough) is not supported")
-            ok = False
-        elif resolution == "DYNAMIC_DNS":
-            rep.error(label, "spec.resolution", "resolution DYNAMIC_DNS is not supported")
-            ok = False
-        if not se.hosts:
-            rep.error(label, "spec.hosts", "at least one host is required")
-            ok = False
-        hosts = []
-        for i, h in enumerate(se.hosts):
-            if not h:
-                rep.error(label, f"spec.hosts[{i}]", "empty host")
-                ok = False
-            elif "*" in h:
-                rep.error(label, f"spec.hosts[{i}]", f"wildcard host {h!r} is not supported (it needs resolution NONE)")
-                ok = False
-            else:
-                hosts.append(h.lower())
-        if not se.ports:
-            rep.error(label, "spec.ports", "at least one port is required")
-            ok = False
-        ports: list[_Port] = []
-        seen_num: set = set()
-        seen_name: set = set()
-        for i, p in enumerate(se.ports):
-            if p.number in seen_num:
-                rep.error(label, f"spec.ports[{i}].number", f"duplicate port {p.number}")
-                ok = False
-                continue
-            seen_num.add(p.number)
-            if not p.name:
-                rep.error(label, f"spec.ports[{i}].name", "missing required field")
-                ok = False
-                continue
-            if p.name in seen_name:
-                rep.error(label, f"spec.ports[{i}].name", f"duplicate port name {p.name!r}")
-                ok = False
-                continue
-            seen_name.add(p.name)
-            proto = (p.protocol or "").upper()
-            if proto not in _HTTP_PROTOCOLS:
-                rep.warn(label, f"spec.ports[{i}].protocol", f"protocol {p.protocol} is not supported (HTTP/1.1 only); port ignored")
-                continue
-            if proto in ("HTTP2", "GRPC", "GRPC-WEB"):
-                rep.warn(label, f"spec.ports[{i}].protocol", f"protocol {p.protocol} is proxied as HTTP/1.1")
-            ports.append(_Port(p.number, p.name, proto or "HTTP", p.target_port or 0))
-        if se.endpoints and se.workload_selector is not None:
-            rep.error(label, "spec.workloadSelector", "only one of endpoints or workloadSelector may be set")
-            ok = False
-        # (WorkloadEntry-ish spec, label for problems, path prefix for problems)
-        sources: list = [(ep, label, f"spec.endpoints[{i}]") for i, ep in enumerate(se.endpoints)]
-        if se.workload_selector is not None:
-            want = se.workload_selector.labels
-            for wdoc in we_docs:
-                if wdoc.namespace != doc.namespace:
-                    continue
-                we = wdoc.obj.spec
-                if all(we.labels.get(k) == v for k, v in want.items()):
-                    sources.append((we, wdoc.label, "spec"))
-        if resolution == "DNS_ROUND_ROBIN" and len(sources) > 1:
-            rep.error(label, "spec.endpoints", "resolution DNS_ROUND_ROBIN allows at most one endpoint")
-            ok = False
-        # Addresses -> list of IPs per source
-        resolved: list = []  # (spec, [ips])
-        for ep, elabel, epath in sources:
-            addr = ep.address
-            if not addr:
-                rep.error(elabel, f"{epath}.address", "missing required field")
-                ok = False
-                continue
-            if addr.startswith("unix://"):
-                rep.error(elabel, f"{epath}.address", "unix domain socket endpoints are not supported")
-                ok = False
-                continue
-            if _is_ip(addr):
-                resolved.append((ep, [addr]))
-            elif resolution == "STATIC":
-                rep.error(elabel, f"{epath}.address", f"address {addr!r} is not an IP address (resolution STATIC)")
-                ok = False
-            elif resolution in ("DNS", "DNS_ROUND_ROBIN"):
-                ips = _resolve(addr, ports[0].number if ports else 80, resolver, rep, elabel, f"{epath}.address")
-                resolved.append((ep, ips))
-        if not ok:
-            continue
-        per_host_sources: dict[str, list] = {}
-        if resolution in ("DNS", "DNS_ROUND_ROBIN") and not se.endpoints and se.workload_selector is None:
-            # No endpoints: every host resolves to itself (§12.2).
-            for h in hosts:
-                ips = _resolve(h, ports[0].number if ports else 80, resolver, rep, label, "spec.hosts")
-                per_host_sources[h] = [(istio.WorkloadEntry(address=h), ips)]
-        for h in hosts:
-            svc = services.get(h)
-            if svc is None:
-                svc = services[h] = _Service(h)
-            host_sources = per_host_sources.get(h, resolved)
-            for port in ports:
-                svc.ports.setdefault(port.number, port)
-                eps = svc.endpoints.setdefault(port.number, [])
-                for ep, ips in host_sources:
-                    if resolution == "DNS_ROUND_ROBIN":
-                        ips = ips[:1]
-                    target = ep.ports.get(port.name) or port.target_port or port.number
-                    weight = ep.weight or 1
-                    lbls = tuple(sorted(ep.labels.items()))
-                    for ip in ips:
-                        eps.append(Endpoint(ip, target, weight, lbls, _ep_key(ip, target)))
-    return services
-
-
-def _resolve(name: str, port: int, resolver: Resolver, rep: _Report, label: str, path: str) -> list[str]:
-    try:
-        ips = list(resolver(name, port))
-    except OSError as e:
-        rep.warn(label, path, f"DNS lookup of {name!r} failed ({e.strerror or e}); no endpoints")
-        return []
-    if not ips:
-        rep.warn(label, path, f"DNS lookup of {name!r} returned no addresses; no endpoints")
-    return ips
-
-
-# ------------------------------------------------------------------------------------------------
 # DestinationRule
 
 
@@ -615,8 +413,6 @@ def _check_lb(lb: istio.LoadBalancerSettings | None, path: str, label: str, rep:
         return
     if lb.simple is not None and lb.consistent_hash is not None:
         rep.error(label, path, "only one of simple or consistentHash may be set")
-    if lb.simple == "PASSTHROUGH":
-        rep.error(label, f"{path}.simple", "PASSTHROUGH is not supported")
     ch = lb.consistent_hash
     if ch is not None:
         keys = [name for attr, name in (("http_header_name", "httpHeaderName"), ("http_cookie", "httpCookie"),
@@ -636,10 +432,14 @@ def _check_lb(lb: istio.LoadBalancerSettings | None, path: str, label: str, rep:
                 rep.warn(label, f"{path}.consistentHash", msg)
     if lb.warmup_duration_secs is not None and lb.warmup is not None:
         rep.error(label, path, "only one of warmupDurationSecs or warmup may be set")
-    for attr, name in (("locality_lb_setting", "localityLbSetting"), ("zone_aware_lb_setting", "zoneAwareLbSetting"),
-                       ("warmup_duration_secs", "warmupDurationSecs"), ("warmup", "warmup")):
-        if getattr(lb, attr) is not None:
-            rep.warn(label, f"{path}.{name}")
+    if lb.zone_aware_lb_setting is not None:
+        rep.warn(label, f"{path}.zoneAwareLbSetting")
+    if lb.locality_lb_setting is not None and lb.locality_lb_setting.failover_priority:
+        rep.warn(label, f"{path}.localityLbSetting.failoverPriority")
+    slow = lb.warmup is not None or lb.warmup_duration_secs is not None
+    if slow and (lb.consistent_hash is not None or lb.simple in ("RANDOM", "PASSTHROUGH")):
+        rep.warn(label, f"{path}.warmup" if lb.warmup is not None else f"{path}.warmupDurationSecs",
+                 "slow start applies to ROUND_ROBIN and LEAST_REQUEST only (Envoy); ignored")
 
 
 _TCP_UNIMPLEMENTED = (("tcp_keepalive", "tcpKeepalive"),
@@ -651,19 +451,13 @@ _HTTP_UNIMPLEMENTED = (("h2_upgrade_policy", "h2UpgradePolicy"), ("use_client_pr
 def _check_cp(cp: istio.ConnectionPoolSettings | None, path: str, label: str, rep: _Report) -> None:
     if cp is None:
         return
-    tcp = cp.tcp
-    if tcp is not None:
-        if tcp.connect_timeout is not None and tcp.connect_timeout.seconds < 0.001:
-            rep.error(label, f"{path}.tcp.connectTimeout", "must be at least 1ms")
+    if cp.tcp is not None:
         for attr, name in _TCP_UNIMPLEMENTED:
-            if getattr(tcp, attr) is not None:
+            if getattr(cp.tcp, attr) is not None:
                 rep.warn(label, f"{path}.tcp.{name}")
-    http = cp.http
-    if http is not None:
-        if http.max_requests_per_connection is not None and http.max_requests_per_connection < 0:
-            rep.error(label, f"{path}.http.maxRequestsPerConnection", "must be >= 0")
+    if cp.http is not None:
         for attr, name in _HTTP_UNIMPLEMENTED:
-            if getattr(http, attr) is not None:
+            if getattr(cp.http, attr) is not None:
                 rep.warn(label, f"{path}.http.{name}")
 
 
@@ -674,8 +468,9 @@ def _check_policy_parts(p, path: str, label: str, rep: _Report) -> None:
         _, warns = outlier_policy_from_istio(p.outlier_detection, check_mep_on_first_eject=True)
         for msg in warns:  # each starts with its "outlierDetection.<field>" path
             rep.warn(label, path, msg)
-    if p.tls is not None and (p.tls.mode or "DISABLE") != "DISABLE":
-        rep.warn(label, f"{path}.tls")
+    _, warns = tls_policy_from_istio(p.tls)
+    for f, msg in warns:
+        rep.warn(label, f"{path}.tls.{f}", msg)
 
 
 def _check_traffic_policy(tp: istio.TrafficPolicy | None, path: str, label: str, rep: _Report) -> None:
@@ -685,11 +480,9 @@ def _check_traffic_policy(tp: istio.TrafficPolicy | None, path: str, label: str,
     seen = set()
     for i, pls in enumerate(tp.port_level_settings):
         ppath = f"{path}.portLevelSettings[{i}]"
-        if pls.port is None or not pls.port.number:
-            rep.error(label, f"{ppath}.port", "missing required field")
-        elif pls.port.number in seen:
-            rep.error(label, f"{ppath}.port.number", f"duplicate port {pls.port.number}")
-        else:
+        if pls.port is not None and pls.port.number:
+            if pls.port.number in seen:
+                rep.error(label, f"{ppath}.port.number", f"duplicate port {pls.port.number}")
             seen.add(pls.port.number)
         _check_policy_parts(pls, ppath, label, rep)
     for attr, name in (("tunnel", "tunnel"), ("proxy_protocol", "proxyProtocol"), ("retry_budget", "retryBudget")):
@@ -697,49 +490,85 @@ def _check_traffic_policy(tp: istio.TrafficPolicy | None, path: str, label: str,
             rep.warn(label, f"{path}.{name}")
 
 
-def _compile_destination_rules(dr_docs, rep: _Report) -> dict[str, _DrInfo]:
-    out: dict[str, _DrInfo] = {}
-    for doc in dr_docs:
+class _DestinationRules:
+    """DestinationRules by namespace, looked up as Istio does for a sidecar (destinationRule()):
+    this proxy's namespace first (its workloadSelector rules when they select this workload,
+    then the others), then the service's namespace, then the root namespace, each time the most
+    specific host; only rules exported to this proxy's namespace count outside its own."""
+
+    def __init__(self, proxy_namespace: str):
+        self.proxy_namespace = proxy_namespace
+        self.by_ns: dict[str, dict[str, _DrInfo]] = {}
+
+    def add(self, doc: _Doc, host: str) -> None:
         dr: istio.DestinationRule = doc.obj.spec
-        label = doc.label
-        ok = True
-        host = dr.host.lower()
-        if not host:
-            rep.error(label, "spec.host", "empty host")
-            ok = False
-        if dr.workload_selector is not None:
-            rep.warn(label, "spec.workloadSelector")
-        _check_traffic_policy(dr.traffic_policy, "spec.trafficPolicy", label, rep)
-        names = set()
-        for i, s in enumerate(dr.subsets):
-            if not s.name:
-                rep.error(label, f"spec.subsets[{i}].name", "empty subset name")
-                ok = False
-            elif s.name in names:
-                rep.error(label, f"spec.subsets[{i}].name", f"duplicate subset name {s.name!r}")
-                ok = False
-            names.add(s.name)
-            _check_traffic_policy(s.traffic_policy, f"spec.subsets[{i}].trafficPolicy", label, rep)
-        if not ok:
-            continue
-        info = out.get(host)
+        table = self.by_ns.setdefault(doc.namespace, {})
+        info = table.get(host)
         if info is None:
-            out[host] = _DrInfo(doc, dr.traffic_policy, {s.name: s for s in dr.subsets})
-            continue
+            table[host] = _DrInfo(doc, dr.traffic_policy, {s.name: s for s in dr.subsets})
+            return
         # Several DestinationRules for one host: Istio merges them; the first traffic policy wins,
         # subsets are added unless the name is taken.
         if dr.traffic_policy is not None:
             if info.traffic_policy is None:
                 info.traffic_policy = dr.traffic_policy
             else:
-                rep.warn(label, "spec.trafficPolicy",
-                         f"host {host!r} already has a trafficPolicy from {info.doc.label}; ignored")
+                rep_warn = self._rep
+                rep_warn.warn(doc.label, "spec.trafficPolicy",
+                              f"host {host!r} already has a trafficPolicy from {info.doc.label}; ignored")
         for i, s in enumerate(dr.subsets):
             if s.name in info.subsets:
-                rep.warn(label, f"spec.subsets[{i}]",
-                         f"subset {s.name!r} of host {host!r} already defined in {info.doc.label}; ignored")
+                self._rep.warn(doc.label, f"spec.subsets[{i}]",
+                               f"subset {s.name!r} of host {host!r} already defined in {info.doc.label}; ignored")
             else:
                 info.subsets[s.name] = s
+
+    def lookup(self, host: str, service_namespace: str | None) -> _DrInfo | None:
+        seen = []
+        for ns in (self.proxy_namespace, service_namespace, ROOT_NAMESPACE):
+            if ns is None or ns in seen:
+                continue
+            seen.append(ns)
+            table = self.by_ns.get(ns)
+            if table:
+                info = _most_specific(host, table)
+                if info is not None:
+                    info.used = True
+                    return info
+        return None
+
+
+def _compile_destination_rules(dr_docs, rep: _Report, names, workload) -> _DestinationRules:
+    out = _DestinationRules(workload.namespace)
+    out._rep = rep
+    selected, general = [], []
+    for doc in dr_docs:
+        dr: istio.DestinationRule = doc.obj.spec
+        label = doc.label
+        errors = len(rep.errors)
+        rep.checks(label, check_destination_rule(dr, doc.namespace))
+        _check_traffic_policy(dr.traffic_policy, "spec.trafficPolicy", label, rep)
+        for i, s in enumerate(dr.subsets):
+            _check_traffic_policy(s.traffic_policy, f"spec.subsets[{i}].trafficPolicy", label, rep)
+        if len(rep.errors) > errors:
+            continue
+        host = names.canonical(fqdn(dr.host, doc.namespace))
+        if doc.namespace != workload.namespace and not visible(dr.export_to, doc.namespace, workload.namespace):
+            rep.warn(label, "spec.exportTo", f"not exported to namespace {workload.namespace!r} (this proxy's "
+                                             "--namespace); ignored")
+            continue
+        ws = dr.workload_selector
+        if ws is not None:
+            if doc.namespace != workload.namespace or not workload.has_labels(ws.match_labels):
+                rep.warn(label, "spec.workloadSelector",
+                         f"does not select this workload (namespace {workload.namespace!r}, --labels "
+                         f"{','.join(f'{k}={v}' for k, v in workload.labels) or 'none'}); ignored")
+                continue
+            selected.append((doc, host))
+        else:
+            general.append((doc, host))
+    for doc, host in selected + general:  # a rule selecting this workload takes precedence
+        out.add(doc, host)
     return out
 
 
@@ -779,7 +608,8 @@ _LB_MAP = {
 }
 
 
-def _cluster(name: str, host: str, port: int, subset: str, endpoints, dr: _DrInfo | None, subset_spec) -> ClusterPolicy:
+def _cluster(name: str, host: str, port: int, subset: str, endpoints, dr: _DrInfo | None, subset_spec,
+             discovery: str = DISCOVERY_STATIC, locality: str = "") -> ClusterPolicy:
     comps = _effective(dr.traffic_policy if dr else None,
                        subset_spec.traffic_policy if subset_spec is not None else None, port)
     lb = comps["load_balancer"]
@@ -788,6 +618,11 @@ def _cluster(name: str, host: str, port: int, subset: str, endpoints, dr: _DrInf
     if lb is not None and lb.consistent_hash is not None:
         hash_policy, ring_config, _ = hash_policy_from_istio(lb.consistent_hash)  # validated before
         lb_kind = ring_config.lb_policy
+    if lb is not None and lb.simple == "PASSTHROUGH":
+        # Istio: an ORIGINAL_DST cluster, whatever the ServiceEntry listed
+        discovery, endpoints = DISCOVERY_ORIGINAL_DST, ()
+    if discovery in PER_REQUEST_DISCOVERY:
+        endpoints = ()
     connect_timeout = DEFAULT_CONNECT_TIMEOUT
     idle_timeout = DEFAULT_IDLE_TIMEOUT
     max_rpc = 0
@@ -804,6 +639,14 @@ def _cluster(name: str, host: str, port: int, subset: str, endpoints, dr: _DrInf
                 idle_timeout = cp.http.idle_timeout.seconds
             if cp.http.max_requests_per_connection:
                 max_rpc = cp.http.max_requests_per_connection
+    tls, _ = tls_policy_from_istio(comps["tls"])
+    slow_start = None
+    locality_lb = None
+    if ring_config is None and discovery not in PER_REQUEST_DISCOVERY:
+        if lb_kind in (LB_ROUND_ROBIN, LB_LEAST_REQUEST) and lb is not None:
+            slow_start = slow_start_from_istio(lb)
+        locality_lb = locality_lb_from_istio(lb.locality_lb_setting if lb is not None else None,
+                                             endpoints, locality, od is not None)
     return ClusterPolicy(
         name=name,
         service_host=host,
@@ -818,6 +661,11 @@ def _cluster(name: str, host: str, port: int, subset: str, endpoints, dr: _DrInf
         limits=limits,
         hash_policy=hash_policy,
         ring_config=ring_config,
+        discovery=discovery,
+        per_request_endpoints=discovery in PER_REQUEST_DISCOVERY or port == ANY_PORT,
+        tls=tls,
+        slow_start=slow_start,
+        locality_lb=locality_lb,
     )
 
 
@@ -826,226 +674,6 @@ def _subset_endpoints(endpoints, labels: dict) -> list:
         return list(endpoints)
     want = labels.items()
     return [e for e in endpoints if all(kv in e.labels for kv in want)]
-
-
-# ------------------------------------------------------------------------------------------------
-# VirtualService
-
-
-_HTTP_UNIMPLEMENTED_FIELDS = (
-    ("headers", "headers"), ("rewrite", "rewrite"),
-    ("redirect", "redirect"), ("direct_response", "directResponse"), ("cors_policy", "corsPolicy"),
-    ("delegate", "delegate"), ("websocket_upgrade", "websocketUpgrade"), ("append_headers", "appendHeaders"),
-    ("remove_response_headers", "removeResponseHeaders"), ("append_response_headers", "appendResponseHeaders"),
-    ("remove_request_headers", "removeRequestHeaders"), ("append_request_headers", "appendRequestHeaders"),
-)
-_DEST_UNIMPLEMENTED_FIELDS = (
-    ("headers", "headers"), ("remove_response_headers", "removeResponseHeaders"),
-    ("append_response_headers", "appendResponseHeaders"), ("remove_request_headers", "removeRequestHeaders"),
-    ("append_request_headers", "appendRequestHeaders"),
-)
-_MATCH_UNIMPLEMENTED_FIELDS = (
-    ("source_labels", "sourceLabels"), ("gateways", "gateways"), ("source_namespace", "sourceNamespace"),
-    ("port", "port"), ("scheme", "scheme"), ("stat_prefix", "statPrefix"),
-)
-_PSEUDO_HEADER_KEYS = ("uri", "scheme", "method", "authority")
-_HEADER_NAME = re.compile(r"[-_A-Za-z0-9]+\Z")
-
-
-def _is_set(v) -> bool:
-    return v is not None and v != () and v != {}
-
-
-def _string_match(sm: istio.StringMatch, path: str, label: str, rep: _Report, *, header: bool):
-    """Value matcher for a StringMatch, or None after reporting an error. `{}` -> presence."""
-    set_ = [k for k in ("exact", "prefix", "regex") if getattr(sm, k) is not None]
-    if len(set_) > 1:
-        rep.error(label, path, f"only one of exact, prefix, regex may be set, got {', '.join(set_)}")
-        return None
-    if not set_:
-        return Present()
-    if sm.exact is not None:
-        return Exact(sm.exact.encode("utf-8"))
-    if sm.prefix is not None:
-        return Prefix(sm.prefix.encode("utf-8"))
-    if header and sm.regex == "*":
-        return Present()
-    try:
-        return Regex(sm.regex)
-    except ValueError as e:
-        rep.error(label, f"{path}.regex", f"invalid regex '{sm.regex}': {e}")
-        return None
-
-
-def _compile_match(m: istio.HTTPMatchRequest, path: str, label: str, rep: _Report) -> RequestMatch | None:
-    ok = True
-    for attr, name in _MATCH_UNIMPLEMENTED_FIELDS:
-        if _is_set(getattr(m, attr)):
-            rep.warn(label, f"{path}.{name}")
-    pm = None
-    if m.uri is not None:
-        u = m.uri
-        set_ = [k for k in ("exact", "prefix", "regex") if getattr(u, k) is not None]
-        if len(set_) > 1:
-            rep.error(label, f"{path}.uri", f"only one of exact, prefix, regex may be set, got {', '.join(set_)}")
-            ok = False
-        elif not set_:
-            pm = PathMatch("prefix", b"/", bool(m.ignore_uri_case))
-        elif u.regex is not None:
-            try:
-                pm = PathMatch("regex", u.regex)
-            except ValueError as e:
-                rep.error(label, f"{path}.uri.regex", f"invalid regex '{u.regex}': {e}")
-                ok = False
-        else:
-            kind = set_[0]
-            pm = PathMatch(kind, getattr(u, kind).encode("utf-8"), bool(m.ignore_uri_case))
-    method = authority = None
-    if m.method is not None:
-        method = _string_match(m.method, f"{path}.method", label, rep, header=True)
-        ok = ok and method is not None
-    if m.authority is not None:
-        authority = _string_match(m.authority, f"{path}.authority", label, rep, header=True)
-        ok = ok and authority is not None
-    headers = []
-    for attr, name, invert in (("headers", "headers", False), ("without_headers", "withoutHeaders", True)):
-        for hname, sm in sorted(getattr(m, attr).items()):
-            hpath = _key(f"{path}.{name}", hname)
-            if hname.lower() in _PSEUDO_HEADER_KEYS:
-                rep.warn(label, hpath, f"Istio ignores {hname!r} in {name}; use match.{hname.lower()}")
-                continue
-            if not _HEADER_NAME.match(hname):
-                rep.error(label, hpath, f"invalid header name {hname!r}")
-                ok = False
-                continue
-            vm = _string_match(sm, hpath, label, rep, header=True)
-            if vm is None:
-                ok = False
-                continue
-            headers.append(HeaderMatch(hname.lower().encode("ascii"), vm, invert))
-    query = []
-    for qname, sm in sorted(m.query_params.items()):
-        qpath = _key(f"{path}.queryParams", qname)
-        vm = _string_match(sm, qpath, label, rep, header=False)
-        if vm is None:
-            ok = False
-            continue
-        query.append(QueryMatch(qname.encode("utf-8"), vm))
-    if not ok:
-        return None
-    if pm is None:
-        pm = PathMatch("prefix", b"/", False)
-    return RequestMatch(m.name or "", pm, method, authority, headers, query)
-
-
-def _compile_http(vs_doc: _Doc, i: int, h: istio.HTTPRoute, rep: _Report) -> _HttpRoute | None:
-    label = vs_doc.label
-    path = f"spec.http[{i}]"
-    ok = True
-    for attr, name in _HTTP_UNIMPLEMENTED_FIELDS:
-        if _is_set(getattr(h, attr)):
-            rep.warn(label, f"{path}.{name}")
-    if not h.route and h.redirect is None and h.direct_response is None and h.delegate is None:
-        rep.error(label, path, "one of route, redirect, directResponse or delegate is required")
-        ok = False
-    exclusive = [n for a, n in (("route", "route"), ("redirect", "redirect"), ("direct_response", "directResponse"),
-                                ("delegate", "delegate")) if _is_set(getattr(h, a))]
-    if len(exclusive) > 1:
-        rep.error(label, path, f"only one of route, redirect, directResponse or delegate may be set, got {', '.join(exclusive)}")
-        ok = False
-    compiled = []
-    for j, m in enumerate(h.match):
-        rm = _compile_match(m, f"{path}.match[{j}]", label, rep)
-        if rm is None:
-            ok = False
-        compiled.append(rm)
-    dests = []
-    for j, rd in enumerate(h.route):
-        dpath = f"{path}.route[{j}]"
-        for attr, name in _DEST_UNIMPLEMENTED_FIELDS:
-            if _is_set(getattr(rd, attr)):
-                rep.warn(label, f"{dpath}.{name}")
-        if not rd.destination.host:
-            rep.error(label, f"{dpath}.destination.host", "empty host")
-            ok = False
-        dests.append((rd.destination, rd.weight or 0, dpath))
-    if len(dests) > 1:
-        dests = [d for d in dests if d[1] > 0]
-        if not dests:
-            rep.error(label, f"{path}.route", "every destination has weight 0")
-            ok = False
-    elif dests:
-        dests = [(dests[0][0], 100, dests[0][2])]
-    if not ok:
-        return None
-    base = h.name or vs_doc.name
-    if not compiled:
-        compiled = [RequestMatch("", PathMatch("prefix", b"/", False))]
-    if any(m.name for m in compiled):
-        # Istio emits one Envoy route per match entry, named "<route>.<match name>"
-        names = tuple(f"{base}.{m.name}" if m.name else base for m in compiled)
-        matches = tuple((m,) for m in compiled)
-    else:
-        names = (base,)
-        matches = (tuple(compiled),)
-    timeout = h.timeout.seconds if h.timeout is not None else 0.0
-    # Consistent hashing (which drops the previous-hosts predicate) is not implemented yet.
-    retry, warns = retry_policy_from_istio(h.retries, False)
-    for field, msg in warns:
-        rep.warn(label, f"{path}.retries.{field}" if field else f"{path}.retries", msg)
-    fault, warns = fault_policy_from_istio(h.fault)
-    for field, msg in warns:
-        rep.warn(label, f"{path}.fault.{field}" if field else f"{path}.fault", msg)
-    mirrors, warns = mirror_policies_from_istio(h, vs_doc.obj.metadata.annotations)
-    for field, msg in warns:
-        where = field if field.startswith("metadata.") else (f"{path}.{field}" if field else path)
-        rep.warn(label, where, msg)
-    return _HttpRoute(names, matches, tuple(dests), timeout, retry, fault, mirrors, path, h.retries)
-
-
-def _compile_virtual_services(vs_docs, rep: _Report) -> dict[str, _VsInfo]:
-    """host (lowercase, possibly wildcard) -> the VirtualService bound to it."""
-    bound: dict[str, _VsInfo] = {}
-    for doc in vs_docs:
-        vs: istio.VirtualService = doc.obj.spec
-        label = doc.label
-        applies = not vs.gateways or "mesh" in vs.gateways
-        if not applies:
-            rep.warn(label, "spec.gateways", "does not include 'mesh': applies to gateways only; ignored by the sidecar")
-        if vs.tcp:
-            rep.warn(label, "spec.tcp")
-        if vs.tls:
-            rep.warn(label, "spec.tls")
-        ok = True
-        if not vs.hosts:
-            rep.error(label, "spec.hosts", "at least one host is required")
-            ok = False
-        for i, hst in enumerate(vs.hosts):
-            if not hst:
-                rep.error(label, f"spec.hosts[{i}]", "empty host")
-                ok = False
-            elif "*" in hst[1:] or (hst.startswith("*") and hst != "*" and not hst.startswith("*.")):
-                rep.error(label, f"spec.hosts[{i}]", f"invalid wildcard host {hst!r}")
-                ok = False
-        routes = []
-        for i, h in enumerate(vs.http):
-            r = _compile_http(doc, i, h, rep)
-            if r is None:
-                ok = False
-            routes.append(r)
-        if not ok or not applies:
-            continue
-        info = _VsInfo(doc, routes)
-        for i, hst in enumerate(vs.hosts):
-            key = hst.lower()
-            prev = bound.get(key)
-            if prev is not None:
-                if prev is not info:
-                    rep.warn(label, f"spec.hosts[{i}]",
-                             f"host {key!r} is already bound by {prev.doc.label}; ignored for this host")
-                continue
-            bound[key] = info
-    return bound
 
 
 # ------------------------------------------------------------------------------------------------
@@ -1071,8 +699,8 @@ class _MirrorDest:
         self.port = self._Port(m.port) if m.port else None
 
 
-def config_hash(sources: dict[str, bytes]) -> str:
-    """sha256 over the sources sorted by name (name, length, content)."""
+def config_hash(sources: dict[str, bytes], extra: tuple = ()) -> str:
+    """sha256 over the sources sorted by name (name, length, content), then `extra` (DNS answers)."""
     h = hashlib.sha256()
     for name in sorted(sources):
         data = sources[name]
@@ -1081,58 +709,161 @@ def config_hash(sources: dict[str, bytes]) -> str:
         h.update(nb)
         h.update(len(data).to_bytes(8, "big"))
         h.update(data)
+    if extra:
+        h.update(orjson.dumps(extra))
     return h.hexdigest()
 
 
-def compile_sources(sources: dict[str, bytes], generation: int = 0, *, resolver: Resolver | None = None) -> Snapshot:
+def _prefix_dependent(r: HttpRoute) -> bool:
+    return ((r.rewrite is not None and bool(r.rewrite.uri))
+            or (r.redirect is not None and bool(r.redirect.prefix_rewrite)))
+
+
+def _groups(r: HttpRoute, port: int):
+    """The route's pieces that apply on service `port`, grouped into (name, matches, prefix):
+    consecutive pieces with one name share a RoutePolicy unless a prefix rewrite tells them apart."""
+    out = []
+    for p in r.pieces:
+        if p.port is not None and p.port != port:
+            continue
+        if out and out[-1][0] == p.name and not _prefix_dependent(r):
+            out[-1][1].append(p.match)
+            continue
+        out.append((p.name, [p.match], p.prefix))
+    return out
+
+
+def _rewrite(r: HttpRoute, prefix: tuple, authority: str) -> Rewrite | None:
+    rw = r.rewrite
+    pfx = regex = None
+    sub = ""
+    if rw is not None and rw.uri:
+        pfx = (prefix[0], rw.uri.encode("utf-8"), prefix[1])
+    elif rw is not None and rw.uri_regex_rewrite is not None:
+        regex = rw.uri_regex_rewrite.match
+        sub = re2_substitution(rw.uri_regex_rewrite.rewrite or "")
+    if pfx is None and regex is None and not authority:
+        return None
+    return Rewrite(pfx, regex, sub, authority.encode("utf-8"))
+
+
+def _destination_actions(r: HttpRoute, prefix: tuple, dest_ops, weighted: bool):
+    """(Rewrite, request HeaderEdits, response HeaderEdits) for one destination of a route, route
+    and destination level combined as Istio writes them and Envoy applies them: one destination
+    joins the route's lists (its `set` can override the route's `add`); weighted destinations are
+    evaluated before the route level (Envoy's default order)."""
+    route_req, route_resp, route_auth = r.route_ops
+    dest_req, dest_resp, dest_auth = dest_ops
+    if r.rewrite is not None and r.rewrite.authority:
+        route_auth = r.rewrite.authority
+    if weighted:
+        authority = dest_auth or route_auth
+        req = HeaderEdits((dest_req, route_req))
+        resp = HeaderEdits((dest_resp, route_resp))
+    else:
+        authority = route_auth or dest_auth
+        req = HeaderEdits((Stage(route_req.removes | dest_req.removes, route_req.ops + dest_req.ops),))
+        resp = HeaderEdits((Stage(route_resp.removes | dest_resp.removes, route_resp.ops + dest_resp.ops),))
+    return _rewrite(r, prefix, authority), (req or None), (resp or None)
+
+
+def _list_items(raw):
+    """`(None, document)`, or `(i, item)` for each item of a Kubernetes `v1` List (kubectl applies
+    a List's items as if each were its own document)."""
+    if (isinstance(raw, dict) and raw.get("kind") == "List" and isinstance(raw.get("apiVersion"), str)
+            and isinstance(raw.get("items"), list)):
+        return list(enumerate(raw["items"]))
+    return [(None, raw)]
+
+
+_SERVER_SET_METADATA = ("namespace", "uid", "resourceVersion", "generation", "creationTimestamp",
+                        "managedFields", "selfLink", "deletionTimestamp", "deletionGracePeriodSeconds")
+
+
+def _content(raw: dict) -> dict:
+    """A document as compared for redefinitions: without status and server-set metadata."""
+    out = {k: v for k, v in raw.items() if k != "status"}
+    meta = out.get("metadata")
+    if isinstance(meta, dict):
+        out["metadata"] = {k: v for k, v in meta.items() if k not in _SERVER_SET_METADATA}
+    return out
+
+
+def _combine(docs: list[_Doc], rep: _Report) -> list[_Doc]:
+    """Several files or folders accumulate as `kubectl apply -f a -f b` does: a resource defined
+    twice with the same content is kept once; a different redefinition is an error naming both."""
+    first: dict[tuple, _Doc] = {}
+    unique: list[_Doc] = []
+    for d in docs:
+        k = (d.kind, d.namespace, d.name)
+        p = first.get(k)
+        if p is None:
+            first[k] = d
+            unique.append(d)
+            continue
+        if _content(p.raw) == _content(d.raw):
+            continue
+        rep.error(d.label, "metadata.name",
+                  f"conflicting redefinition of {d.kind} {d.namespace}/{d.name}: already defined with "
+                  f"different content in {p.file} document {p.number}")
+    return unique
+
+
+def compile_sources(sources: dict[str, bytes], generation: int = 0, *, resolver: Resolver | None = None,
+                    namespace: str = "default", labels: dict | None = None, locality: str = "",
+                    dns: DnsCache | None = None) -> Snapshot:
     """Decode, validate and compile Istio config into a Snapshot.
 
     `sources`: display name -> file content (see `meshcore.config.load.read_sources`); files ending
-    in `.json` are JSON, the rest multi-document YAML. `resolver(name, port) -> [ip, ...]` resolves
-    `resolution: DNS` addresses (default: socket.getaddrinfo).
+    in `.json` are JSON, the rest multi-document YAML. `namespace`: this proxy's namespace, also
+    the namespace of documents that name none (`--namespace`); `labels`: this workload's labels
+    (`--labels`, for sourceLabels and DestinationRule workloadSelector); `locality`: this proxy's
+    `region/zone/subzone` (`--locality`). `dns`: the DnsCache that resolves `resolution: DNS`
+    names (default: a fresh one over `resolver(name, port) -> [ip, ...]`, itself defaulting to
+    socket.getaddrinfo).
 
     Error handling: raises ConfigError listing every problem found; warnings (unimplemented fields,
-    empty clusters) go to `Snapshot.warnings`.
+    empty clusters, skipped documents) go to `Snapshot.warnings`.
     """
     rep = _Report()
-    resolver = resolver or _default_resolver
+    if dns is None:
+        dns = DnsCache(resolver)
+    workload = Workload(namespace, tuple(sorted((labels or {}).items())))
     docs: list[_Doc] = []
     for file, data in sources.items():
         parsed, problems = parse_documents(file, data)
         for number, raw in parsed:
             if raw is None:
                 continue
-            if isinstance(raw, dict):
-                rep.order.setdefault(_label(file, number, raw.get("kind"), raw.get("metadata")), len(rep.order))
-            else:
-                rep.order.setdefault(_label(file, number, None, None), len(rep.order))
-            d = _decode(file, number, raw, rep)
-            if d is not None:
-                docs.append(d)
+            for item, obj in _list_items(raw):
+                meta = obj.get("metadata") if isinstance(obj, dict) else None
+                kind = obj.get("kind") if isinstance(obj, dict) else None
+                label = _label(file, number, kind, meta, item)
+                rep.order.setdefault(label, len(rep.order))
+                d = _decode(file, number, obj, rep, namespace, label)
+                if d is not None:
+                    docs.append(d)
         for problem in problems:  # a syntax error ends the file: report it after its documents
             rep.order.setdefault(file, len(rep.order))
             rep.errors.append((file, problem))
 
-    # duplicate names per kind (and namespace)
-    first: dict[tuple, _Doc] = {}
-    unique: list[_Doc] = []
-    for d in docs:
-        k = (d.kind, d.namespace, d.name)
-        if k in first:
-            p = first[k]
-            rep.error(d.label, "metadata.name",
-                      f"duplicate {d.kind} {d.name!r} (first defined in {p.file} document {p.number})")
-            continue
-        first[k] = d
-        unique.append(d)
-
+    unique = _combine(docs, rep)
     by_kind: dict[str, list[_Doc]] = {k: [] for k in istio.KINDS}
     for d in unique:
         by_kind[d.kind].append(d)
 
-    services = _compile_service_entries(by_kind["ServiceEntry"], by_kind["WorkloadEntry"], rep, resolver)
-    drs = _compile_destination_rules(by_kind["DestinationRule"], rep)
-    bound = _compile_virtual_services(by_kind["VirtualService"], rep)
+    dns_names: list = []
+
+    def lookup(name: str, port: int) -> list:
+        dns_names.append((name, port))
+        return dns.lookup(name, port)
+
+    services, names = compile_service_entries(by_kind["ServiceEntry"], by_kind["WorkloadEntry"], rep,
+                                              lookup, workload.namespace)
+    drs = _compile_destination_rules(by_kind["DestinationRule"], rep, names, workload)
+    bound = compile_virtual_services(by_kind["VirtualService"], rep, workload)
+    # A VirtualService host naming a short ServiceEntry host's Kubernetes name binds that service.
+    bound = {names.canonical(h): info for h, info in bound.items()}
 
     if rep.errors:
         raise ConfigError(rep.sorted_errors())
@@ -1140,50 +871,66 @@ def compile_sources(sources: dict[str, bytes], generation: int = 0, *, resolver:
     # --- clusters for every service port, plus DestinationRule subsets
     clusters: dict[str, ClusterPolicy] = {}
     for host, svc in services.items():
-        dr = _most_specific(host, drs)
-        for number in svc.ports:
+        dr = drs.lookup(host, svc.namespace)
+        for number in svc.port_numbers:
             eps = svc.endpoints.get(number, [])
             name = f"outbound|{number}||{host}"
-            clusters[name] = _cluster(name, host, number, "", eps, dr, None)
+            clusters[name] = _cluster(name, host, number, "", eps, dr, None, svc.discovery, locality)
             if dr is not None:
                 for sname, sub in dr.subsets.items():
                     cname = f"outbound|{number}|{sname}|{host}"
-                    clusters[cname] = _cluster(cname, host, number, sname, _subset_endpoints(eps, sub.labels), dr, sub)
+                    clusters[cname] = _cluster(cname, host, number, sname, _subset_endpoints(eps, sub.labels),
+                                               dr, sub, svc.discovery, locality)
 
     # --- virtual hosts: (host, port) for every service, and VirtualService hosts without a service
     vhost_targets: list[tuple[str, int]] = []
     for host, svc in services.items():
-        for number in svc.ports:
+        for number in svc.port_numbers:
             vhost_targets.append((host, number))
-    for key in bound:
-        if key not in services:
-            vhost_targets.append((key, 80))
+    for host in bound:
+        if host not in services:
+            vhost_targets.append((host, 80))
 
-    def resolve_dest(dest: istio.Destination, vport: int, vs_label: str, dpath: str) -> str:
-        dhost = dest.host.lower()
+    def resolve_dest(dest, vport: int, vs_label: str, dpath: str) -> str:
+        dhost = names.canonical(dest.host.lower())
         svc = services.get(dhost)
         if dest.port is not None and dest.port.number:
             dport = dest.port.number
         elif svc is not None and len(svc.ports) == 1:
             dport = next(iter(svc.ports))
+        elif svc is not None and not svc.ports:
+            dport = ANY_PORT
         else:
             dport = vport
         subset = dest.subset or ""
         cname = f"outbound|{dport}|{subset}|{dhost}"
         if cname in clusters:
             return cname
-        dr = _most_specific(dhost, drs)
+        dr = drs.lookup(dhost, svc.namespace if svc is not None else None)
         sub = dr.subsets.get(subset) if (dr is not None and subset) else None
         if svc is None:
+            hint = ""
+            if dhost.count(".") == 1 and names.canonical(f"{dhost}.{DOMAIN_SUFFIX}") != f"{dhost}.{DOMAIN_SUFFIX}" \
+                    or f"{dhost}.{DOMAIN_SUFFIX}" in services:
+                hint = f" (Istio does not expand {dhost!r}; did you mean {dhost}.{DOMAIN_SUFFIX}?)"
             rep.warn(vs_label, f"{dpath}.destination.host",
-                     f"host {dhost!r} has no ServiceEntry; cluster {cname} has no endpoints")
-        elif dport not in svc.ports:
+                     f"host {dhost!r} has no ServiceEntry; cluster {cname} has no endpoints{hint}")
+        elif dport not in svc.ports and svc.ports:
             rep.warn(vs_label, f"{dpath}.destination.port",
                      f"service {dhost!r} has no port {dport}; cluster {cname} has no endpoints")
         elif subset and sub is None:
             rep.warn(vs_label, f"{dpath}.destination.subset",
                      f"subset {subset!r} is not defined by a DestinationRule for {dhost!r}; cluster {cname} has no endpoints")
-        clusters[cname] = _cluster(cname, dhost, dport, subset, (), dr, sub)
+        eps = ()
+        discovery = DISCOVERY_STATIC
+        if svc is not None and (dport in svc.ports or not svc.ports):
+            eps = svc.endpoints.get(dport, [])
+            discovery = svc.discovery
+            if subset and sub is not None:
+                eps = _subset_endpoints(eps, sub.labels)
+            elif subset:
+                eps = ()
+        clusters[cname] = _cluster(cname, dhost, dport, subset, eps, dr, sub, discovery, locality)
         return cname
 
     vhosts: dict[str, VirtualHostPolicy] = {}
@@ -1193,24 +940,13 @@ def compile_sources(sources: dict[str, bytes], generation: int = 0, *, resolver:
         routes: list[RoutePolicy] = []
         if info is not None:
             for r in info.routes:
-                wcs = tuple(WeightedCluster(resolve_dest(d, port, info.doc.label, dp), w) for d, w, dp in r.dests)
-                total = sum(wc.weight for wc in wcs)
-                mirrors = tuple(
-                    (m, "" if m.is_capture else resolve_dest(_MirrorDest(m), port, info.doc.label, f"{r.path}.mirror"))
-                    for m in r.mirrors)
-                hashing = _hash_policies(wcs, clusters)
-                retry = r.retry
-                if len(wcs) == 1 and clusters[wcs[0].cluster].ring_config is not None and retry is not None:
-                    # Istio >= 1.23 drops previous_hosts when the one destination hashes
-                    retry = retry_policy_from_istio(r.retries, True)[0]
-                for name, ms in zip(r.names, r.matches):
-                    routes.append(RoutePolicy(name=name, matches=ms, destinations=wcs, total_weight=total,
-                                              timeout=r.timeout, retry=retry, fault=r.fault,
-                                              mirrors=mirrors, hash_policies=hashing))
-        if not routes:
+                routes.extend(_route_policies(r, port, info, resolve_dest, clusters))
+        if not routes and info is None:
             cname = f"outbound|{port}||{host}"
             if cname not in clusters:
-                clusters[cname] = _cluster(cname, host, port, "", (), _most_specific(host, drs), None)
+                svc = services.get(host)
+                clusters[cname] = _cluster(cname, host, port, "", (), drs.lookup(host, None), None,
+                                           svc.discovery if svc is not None else DISCOVERY_STATIC, locality)
             routes.append(RoutePolicy(
                 name="default",
                 matches=(RequestMatch("", PathMatch("prefix", b"/", False)),),
@@ -1223,18 +959,83 @@ def compile_sources(sources: dict[str, bytes], generation: int = 0, *, resolver:
                        else DEFAULT_RETRY_POLICY),
                 hash_policies=_hash_policies((WeightedCluster(cname, 100),), clusters),
             ))
-        vh = VirtualHostPolicy(name=f"{host}:{port}", routes=tuple(routes))
+        vh = VirtualHostPolicy(name=f"{host}:{port}" if port != ANY_PORT else host, routes=tuple(routes))
+        if port == ANY_PORT:
+            bare[host] = vh
+            continue
         vhosts[f"{host}:{port}"] = vh
         if host not in bare or port == 80:
             bare[host] = vh
     for host, vh in bare.items():
-        vhosts[host] = vh
+        vhosts.setdefault(host, vh)
+    _add_alt_domains(vhosts, services, names, workload.namespace)
 
     return Snapshot(
         generation=generation,
-        config_hash=config_hash(sources),
+        config_hash=config_hash(sources, dns.answers()),
         vhosts=vhosts,
         clusters=clusters,
         warnings=tuple(rep.sorted_warnings()),
         route_table=RouteTable.from_vhosts(vhosts),
+        dns_names=tuple(dict.fromkeys(dns_names)),
     )
+
+
+def _route_policies(r: HttpRoute, port: int, info, resolve_dest, clusters) -> list[RoutePolicy]:
+    """The RoutePolicies of one http[] route on one service port."""
+    out = []
+    label = info.doc.label
+    wcs_cache = None
+    for name, matches, prefix in _groups(r, port):
+        matches = tuple(matches)
+        if r.redirect is not None:
+            red = redirect_for(r.redirect, prefix, HeaderEdits((r.route_ops[1],)).lines(), port)
+            out.append(RoutePolicy(name=name, matches=matches, direct=red, cors=r.cors))
+            continue
+        if r.direct is not None:
+            out.append(RoutePolicy(name=name, matches=matches, direct=r.direct, cors=r.cors))
+            continue
+        if wcs_cache is None:
+            wcs_cache = [(resolve_dest(d, port, label, dp), w, ops) for d, w, dp, ops in r.dests]
+        weighted = r.weighted  # Istio: route[] with several entries -> weighted_clusters
+        wcs = []
+        for cname, w, ops in wcs_cache:
+            rewrite, req, resp = _destination_actions(r, prefix, ops, weighted)
+            wcs.append(WeightedCluster(cname, w, rewrite, req, resp))
+        wcs = tuple(wcs)
+        total = sum(wc.weight for wc in wcs)
+        mirrors = tuple(
+            (m, "" if m.is_capture else resolve_dest(_MirrorDest(m), port, label, f"{r.path}.mirror"))
+            for m in r.mirrors)
+        hashing = _hash_policies(wcs, clusters)
+        retry = r.retry
+        if len(wcs) == 1 and clusters[wcs[0].cluster].ring_config is not None and retry is not None:
+            # Istio >= 1.23 drops previous_hosts when the one destination hashes
+            retry = retry_policy_from_istio(r.retries, True)[0]
+        out.append(RoutePolicy(name=name, matches=matches, destinations=wcs, total_weight=total,
+                               timeout=r.timeout, retry=retry, fault=r.fault, mirrors=mirrors,
+                               hash_policies=hashing, cors=r.cors))
+    return out
+
+
+def _add_alt_domains(vhosts: dict, services: dict, names, proxy_namespace: str) -> None:
+    """The short forms a sidecar also answers to (Istio's GenerateAltVirtualHosts): for
+    `name.ns.svc.cluster.local`, `name.ns`, `name.ns.svc` (and `name` in the proxy's namespace),
+    with and without each port; a short ServiceEntry host also answers to its Kubernetes names.
+    Names already taken keep their virtual host."""
+    additions: dict[str, VirtualHostPolicy] = {}
+    for key, vh in list(vhosts.items()):
+        host, sep, port = key.rpartition(":")
+        if not sep or not port.isdigit():
+            host, port = key, ""
+        alts = list(alt_domains(host, proxy_namespace))
+        svc = services.get(host)
+        if svc is not None and "." not in host and not host.startswith("*"):
+            kube = f"{host}.{svc.namespace}.{DOMAIN_SUFFIX}"
+            alts = [kube] + [a for a in alt_domains(kube, proxy_namespace) if a != host]
+        for alt in alts:
+            k = f"{alt}:{port}" if port else alt
+            if k not in vhosts:
+                additions.setdefault(k, vh)
+    for k, vh in additions.items():
+        vhosts[k] = vh

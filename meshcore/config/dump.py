@@ -13,14 +13,30 @@ from meshcore.config.policy import ClusterPolicy, Snapshot, VirtualHostPolicy
 __all__ = ["snapshot_to_dict", "snapshot_to_json"]
 
 
+def _destination(d) -> dict:
+    out = {"cluster": d.cluster, "weight": d.weight}
+    if getattr(d, "rewrite", None) is not None:
+        out["rewrite"] = d.rewrite.describe()
+    if getattr(d, "request_headers", None) is not None:
+        out["request_headers"] = d.request_headers.describe()
+    if getattr(d, "response_headers", None) is not None:
+        out["response_headers"] = d.response_headers.describe()
+    return out
+
+
 def _route(r) -> dict:
-    return {
+    out = {
         "name": r.name,
         "match": [m.describe() if hasattr(m, "describe") else repr(m) for m in r.matches],
-        "route": [{"cluster": d.cluster, "weight": d.weight} for d in r.destinations],
+        "route": [_destination(d) for d in r.destinations],
         "total_weight": r.total_weight,
         "timeout": r.timeout,
     }
+    if getattr(r, "direct", None) is not None:
+        out.update(r.direct.describe())
+    if getattr(r, "cors", None) is not None:
+        out.update(r.cors.describe())
+    return out
 
 
 def _cluster(c: ClusterPolicy) -> dict:
@@ -33,6 +49,14 @@ def _cluster(c: ClusterPolicy) -> dict:
         "connect_timeout": c.connect_timeout,
         "idle_timeout": c.idle_timeout,
         "max_requests_per_connection": c.max_requests_per_connection,
+        "discovery": c.discovery,
+        "tls": c.tls.describe() if c.tls is not None else None,
+        "slow_start": ({"window": c.slow_start.window, "aggression": c.slow_start.aggression,
+                        "min_weight_percent": c.slow_start.min_weight_percent}
+                       if c.slow_start is not None else None),
+        "locality_lb": ({"priority": list(c.locality_lb.priority),
+                         "locality_weight": list(c.locality_lb.group_weight)}
+                        if c.locality_lb is not None else None),
         "endpoints": [
             {
                 "address": e.address,
@@ -40,6 +64,7 @@ def _cluster(c: ClusterPolicy) -> dict:
                 "weight": e.weight,
                 "labels": dict(e.labels),
                 "key": e.key,
+                "locality": e.locality,
             }
             for e in c.endpoints
         ],

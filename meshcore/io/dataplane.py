@@ -19,8 +19,10 @@ connections.
 """
 from __future__ import annotations
 
+import dataclasses
 import random
 import time
+import traceback
 
 from meshcore import local_reply as lr
 from meshcore.accesslog import ISTIO_TEXT, AccessLog, compile_format, open_log_fd
@@ -36,12 +38,16 @@ from meshcore.policy.retry import (RETRY_ON_5XX, RETRY_ON_ENVOY_RATE_LIMITED, RE
                                    DONE_EXHAUSTED, DONE_OVERFLOW, Reason, RetryState, final_flags,
                                    is_idempotent, merge_request_overrides)
 from meshcore.policy.timeout import TIMEOUT_REQUEST_HEADERS, route_timeout_override
-from meshcore.routing.table import find_route, pick_destination
+from meshcore.config.discovery import request_endpoints, request_target
+from meshcore.config.policy import PER_REQUEST_DISCOVERY
+from meshcore.routing.actions import local_response, response_edits
+from meshcore.routing.table import find_route, pick_weighted
 from meshcore.shm.layout import (W_INDEX, W_UPSTREAM_RQ_PENDING_OVERFLOW,
                                  W_UPSTREAM_RQ_RETRY_BACKOFF_EXPONENTIAL,
                                  W_UPSTREAM_RQ_RETRY_SUCCESS)
 from meshcore.upstream.cluster import MAX_IDLE_PER_ENDPOINT, ClusterState
 from meshcore.upstream.hashkey import hash_source_address, request_hash
+from meshcore.upstream.original_dst import is_ip, resolve
 
 # Envoy merges these client retry/timeout overrides into the route policy, then removes them.
 STRIPPED_REQUEST_HEADERS = tuple(h.lower() for h in RETRY_REQUEST_HEADERS + TIMEOUT_REQUEST_HEADERS)
@@ -50,6 +56,9 @@ _DECISION_STATS = {d.stat: W_INDEX[d.stat]
                    for d in (DONE_EXHAUSTED, DONE_OVERFLOW, DONE_BODY_NOT_REPLAYABLE)}
 _DECISION_STATS["upstream_rq_retry"] = W_INDEX["upstream_rq_retry"]
 MIRROR_TIMEOUT = 5.0  # a copy without a route timeout is still bounded (Envoy: unbounded)
+# Clusters whose endpoints come from the request (original destination, dynamic DNS, every-port
+# services) get one ClusterHandle (and pool) per distinct endpoint set, kept for reuse up to this.
+MAX_REQUEST_CLUSTERS = 256
 MAX_SHADOWS = 64  # copies in flight per worker; beyond, a copy is dropped and counted
 _RESPONSE = int(Kind.RESPONSE)
 _OVERFLOW = int(Kind.OVERFLOW)
@@ -142,6 +151,7 @@ class Dataplane:
         self.routes: dict[int, RouteHandle] = {}
         self.sinks = {}
         self.mirror_dropped = 0
+        self.request_clusters: dict = {}  # (cluster, endpoint keys) -> ClusterState, LRU order
         self.install(snapshot, slots)
 
     # === config ===
@@ -156,31 +166,7 @@ class Dataplane:
             if prev is not None and prev.policy == policy and prev.slots == slots[name]:
                 states[name] = prev
                 continue
-            cslot, hslots = slots[name]
-            limits = policy.limits
-            handle = ClusterHandle(
-                self.loop, name,
-                [(e.address, e.port, e.key) for e in policy.endpoints],
-                stats_off=layout.worker_row_off(self.worker, cslot),
-                cluster_off=layout.cluster_off(cslot),
-                host_offs=[layout.host_off(s) for s in hslots],
-                limits=(limits.max_connections, limits.max_pending_requests,
-                        limits.max_requests) if limits is not None else (
-                    0xFFFFFFFF, 0xFFFFFFFF, 0xFFFFFFFF),
-                connect_timeout=policy.connect_timeout, idle_timeout=policy.idle_timeout,
-                max_requests_per_connection=policy.max_requests_per_connection,
-                outlier=policy.outlier is not None and policy.outlier.enabled,
-                outlier_split=bool(policy.outlier is not None
-                                   and policy.outlier.split_external_local_origin_errors),
-                max_idle=MAX_IDLE_PER_ENDPOINT,
-                host_stat_offs=[layout.host_stats_off(self.worker, s) for s in hslots]
-                if self.metrics else None,
-                hist_off=layout.cluster_hist_off(self.worker, cslot) if self.metrics else -1)
-            state = ClusterState(policy, self.rng, self.segment, self.worker, slots[name],
-                                 book=handle.book)
-            state.handle = handle
-            handle.state = state
-            states[name] = state
+            states[name] = self._cluster(name, policy, slots[name])
         routes: dict[int, RouteHandle] = {}
         seen = set()
         for vhost in snapshot.vhosts.values():
@@ -196,6 +182,54 @@ class Dataplane:
             if states.get(name) is not prev:
                 prev.handle.retired = True
                 prev.handle.close_idle()
+        for key in [k for k in self.request_clusters if states.get(k[0]) is not old.get(k[0])]:
+            self._drop_request_cluster(key)
+
+    def _cluster(self, name: str, policy, slots) -> ClusterState:
+        """A cluster's policy state and its loop handle (pool, addresses, shared-memory rows)."""
+        layout = self.segment.layout
+        cslot, hslots = slots
+        limits = policy.limits
+        handle = ClusterHandle(
+            self.loop, name,
+            [(e.address, e.port, e.key) for e in policy.endpoints],
+            stats_off=layout.worker_row_off(self.worker, cslot),
+            cluster_off=layout.cluster_off(cslot),
+            host_offs=[layout.host_off(s) for s in hslots] if hslots else None,
+            limits=(limits.max_connections, limits.max_pending_requests,
+                    limits.max_requests) if limits is not None else (
+                0xFFFFFFFF, 0xFFFFFFFF, 0xFFFFFFFF),
+            connect_timeout=policy.connect_timeout, idle_timeout=policy.idle_timeout,
+            max_requests_per_connection=policy.max_requests_per_connection,
+            outlier=policy.outlier is not None and policy.outlier.enabled,
+            outlier_split=bool(policy.outlier is not None
+                               and policy.outlier.split_external_local_origin_errors),
+            max_idle=MAX_IDLE_PER_ENDPOINT,
+            host_stat_offs=[layout.host_stats_off(self.worker, s) for s in hslots]
+            if self.metrics and hslots else None,
+            hist_off=layout.cluster_hist_off(self.worker, cslot) if self.metrics else -1)
+        state = ClusterState(policy, self.rng, self.segment, self.worker, slots, book=handle.book)
+        state.handle = handle
+        handle.state = state
+        return state
+
+    def _request_cluster(self, state: ClusterState, endpoints) -> ClusterState:
+        """The per-request cluster for this endpoint set: the cluster's rows (stats, breakers),
+        endpoints from the request, no outlier detection (Envoy's ORIGINAL_DST has none)."""
+        key = (state.policy.name, tuple(e.key for e in endpoints))
+        got = self.request_clusters.pop(key, None)
+        if got is None:
+            policy = dataclasses.replace(state.policy, endpoints=endpoints, outlier=None)
+            got = self._cluster(state.policy.name, policy, (state.slots[0], ()))
+            if len(self.request_clusters) >= MAX_REQUEST_CLUSTERS:
+                self._drop_request_cluster(next(iter(self.request_clusters)))
+        self.request_clusters[key] = got  # most recently used last
+        return got
+
+    def _drop_request_cluster(self, key) -> None:
+        state = self.request_clusters.pop(key)
+        state.handle.retired = True
+        state.handle.close_idle()
 
     # === housekeeping (the worker calls these now and then) ===
 
@@ -240,10 +274,53 @@ class Dataplane:
                     return
                 stream.reply(route.fault.abort_reply)
                 return
-        state = self.clusters.get(pick_destination(route, rng.getrandbits(32)))
+        if route.cors is not None or route.direct is not None:
+            answer = local_response(route, head)  # CORS preflight, redirect, directResponse
+            if answer is not None:
+                stream.reply(answer[0], extra=answer[1])
+                return
+        wc = pick_weighted(route, rng.getrandbits(32))
+        state = self.clusters.get(wc.cluster) if wc is not None else None
         if state is None:
             stream.reply(lr.NO_HEALTHY_UPSTREAM)
             return
+        if state.policy.per_request_endpoints:  # original destination, dynamic DNS, every port
+            self._request_endpoints(stream, route, rh, wc, state, plan)
+            return
+        self._choose(stream, route, rh, wc, state, plan)
+
+    def _request_endpoints(self, stream, route, rh, wc, state, plan) -> None:
+        """The endpoints come from the request: an address is used at once, a name is resolved
+        first (the request waits, parked, while trio looks it up)."""
+        policy = state.policy
+        head = stream.head
+        if policy.discovery in PER_REQUEST_DISCOVERY:
+            target = request_target(policy, head.host)
+            if target is not None and not is_ip(target[0]):
+                if self.spawn is None:
+                    stream.reply(lr.NO_HEALTHY_UPSTREAM)
+                    return
+                stream.park()
+                self.spawn(self._resolve_then_choose, stream, route, rh, wc, state, plan, target)
+                return
+        endpoints = request_endpoints(policy, head.host, None)
+        self._choose(stream, route, rh, wc, self._request_cluster(state, endpoints), plan)
+
+    async def _resolve_then_choose(self, stream, route, rh, wc, state, plan, target) -> None:
+        try:
+            addresses = await resolve(*target)
+            if stream.parked:  # the client may have left meanwhile
+                endpoints = request_endpoints(state.policy, stream.head.host, addresses)
+                self._choose(stream, route, rh, wc, self._request_cluster(state, endpoints), plan)
+        except Exception:  # a bug costs this request, never the worker
+            traceback.print_exc()
+            stream.reply(lr.INTERNAL_ERROR)
+        finally:
+            stream.resume()
+
+    def _choose(self, stream, route, rh, wc, state, plan) -> None:
+        """Endpoint and per-request extras once the cluster is known."""
+        head = stream.head
         # The router's own replies from here on are charged to the cluster, as Envoy does.
         stream.route = rh
         stream.cluster = state.handle
@@ -262,6 +339,10 @@ class Dataplane:
             stream.reply(lr.NO_HEALTHY_UPSTREAM, flags="UH")
             return
         stream.forward(rh, state.handle, ep)
+        if wc.rewrite is not None or wc.request_headers is not None:
+            stream.request_edits = wc
+        if wc.response_headers is not None or route.cors is not None:
+            stream.response_edits = response_edits(wc, route, head)
         if head.count_prefix(b"x-envoy-"):  # rare: client overrides to merge, then strip
             retry = merge_request_overrides(route.retry, head.get)
             timeout = route_timeout_override(route.timeout, head.get)
@@ -282,7 +363,7 @@ class Dataplane:
                 plan.cookies = cookies
                 stream.response_extra = _cookie_lines(cookies, 1)
         if route.mirrors:  # one draw for all of the route's mirrors, as Envoy does
-            rnd = rng.getrandbits(32)
+            rnd = self.rng.getrandbits(32)
             mirrors = [m for m in route.mirrors if should_mirror(m[0], rnd)]
             if mirrors:
                 if plan is None:

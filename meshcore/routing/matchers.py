@@ -28,6 +28,9 @@ __all__ = [
     "PathMatch",
     "HeaderMatch",
     "QueryMatch",
+    "PseudoHeaderMatch",
+    "request_scheme",
+    "ClaimMatch",
     "RequestMatch",
     "compile_re2",
 ]
@@ -267,6 +270,76 @@ class HeaderMatch:
 
     def __reduce__(self):
         return (HeaderMatch, (self.name, self.matcher, self.invert))
+
+
+def request_scheme(head) -> bytes:
+    """Envoy's `:scheme` of a plaintext HTTP/1.1 request: the `x-forwarded-proto` it arrived with
+    when that is http or https (any case), else `http` (ConnectionManagerUtility's getScheme)."""
+    xfp = head.get(b"x-forwarded-proto")
+    if xfp is not None and xfp.lower() in (b"http", b"https"):
+        return xfp
+    return b"http"
+
+
+class PseudoHeaderMatch:
+    """A header condition on an HTTP/2 pseudo-header name (`:path`, `:method`, `:authority`,
+    `:scheme`), as Envoy evaluates it for an HTTP/1.1 request: `:path` is the full path with its
+    query, `:authority` the Host, `:scheme` is request_scheme(). Same presence and inversion rules
+    as HeaderMatch (also used for the `scheme` match field)."""
+
+    __slots__ = ("name", "matcher", "invert")
+
+    def __init__(self, name: bytes, matcher, invert: bool = False):
+        if name not in (b":path", b":method", b":authority", b":scheme"):
+            raise ValueError(f"unknown pseudo-header {name!r}")
+        self.name = name
+        self.matcher = matcher
+        self.invert = bool(invert)
+
+    def test(self, head) -> bool:
+        n = self.name
+        if n == b":path":
+            v = head.path
+        elif n == b":method":
+            v = head.method
+        elif n == b":authority":
+            v = head.host
+        else:
+            v = request_scheme(head)
+        if v is None:
+            v = b""
+        return self.matcher.test(v) != self.invert
+
+    def describe(self) -> dict:
+        d = {"name": self.name.decode("latin-1")}
+        d.update(self.matcher.describe())
+        if self.invert:
+            d["invert"] = True
+        return d
+
+    def __reduce__(self):
+        return (PseudoHeaderMatch, (self.name, self.matcher, self.invert))
+
+
+class ClaimMatch:
+    """A `@request.auth.claims.*` condition. meshcore does no JWT authentication, so there are no
+    claims: as in Istio without a RequestAuthentication, `headers` on a claim never matches and
+    `withoutHeaders` on a claim always does."""
+
+    __slots__ = ("name", "invert")
+
+    def __init__(self, name: str, invert: bool = False):
+        self.name = name
+        self.invert = bool(invert)
+
+    def test(self, head) -> bool:
+        return self.invert
+
+    def describe(self) -> dict:
+        return {"claim": self.name, "invert": self.invert, "never_authenticated": True}
+
+    def __reduce__(self):
+        return (ClaimMatch, (self.name, self.invert))
 
 
 class QueryMatch:

@@ -13,10 +13,11 @@ Rules of this module:
 """
 from __future__ import annotations
 
-from meshcore.config.policy import RoutePolicy, Snapshot, VirtualHostPolicy
+from meshcore.config.policy import RoutePolicy, Snapshot, VirtualHostPolicy, WeightedCluster
 from meshcore.routing.matchers import RequestView
 
-__all__ = ["RouteTable", "find_vhost", "find_route", "pick_destination", "split_authority"]
+__all__ = ["RouteTable", "find_vhost", "find_route", "pick_destination", "pick_weighted",
+           "split_authority"]
 
 
 def split_authority(authority: bytes) -> tuple[bytes, bytes | None]:
@@ -145,21 +146,24 @@ def find_route(snapshot: Snapshot, authority: bytes | None, head) -> RoutePolicy
     return None
 
 
-def pick_destination(route: RoutePolicy, rnd: int) -> str:
-    """The cluster name for one request: `rnd` is a fresh non-negative random integer.
-
-    A route without destinations (e.g. a redirect-only route, not implemented yet) returns "":
-    no cluster has that name, so the proxy answers as for a missing cluster.
-    """
+def pick_weighted(route: RoutePolicy, rnd: int) -> WeightedCluster | None:
+    """The destination for one request (cluster and its rewrite/header edits): `rnd` is a fresh
+    non-negative random integer. None for a route without destinations (a local reply route)."""
     dests = route.destinations
     if len(dests) == 1:
-        return dests[0].cluster
+        return dests[0]
     if not dests:
-        return ""
+        return None
     r = rnd % route.total_weight
     acc = 0
     for d in dests:
         acc += d.weight
         if r < acc:
-            return d.cluster
-    return dests[-1].cluster
+            return d
+    return dests[-1]
+
+
+def pick_destination(route: RoutePolicy, rnd: int) -> str:
+    """The cluster name for one request; "" for a route without destinations."""
+    wc = pick_weighted(route, rnd)
+    return "" if wc is None else wc.cluster

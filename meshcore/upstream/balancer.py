@@ -51,6 +51,8 @@ from typing import AbstractSet, Optional, Protocol, Sequence
 __all__ = [
     "Balancer", "NoHealthyUpstream", "make_balancer", "KINDS",
     "SCHEDULE_TABLE_MAX", "HOST_SELECTION_RETRY_MAX_ATTEMPTS", "edf_schedule",
+    "SlowStart", "slow_start_from_istio", "stamp_joined", "LocalityLb", "locality_lb_from_istio",
+    "make_cluster_balancer",
 ]
 
 # Largest weighted-round-robin period (sum of weights) served from precomputed tables (schedule +
@@ -417,3 +419,358 @@ def make_balancer(kind: str, weights: Sequence[int], rng: random.Random, *,
             return _LeastRequest(w, retries, rng)
         return _LeastRequestN(w, retries, rng, choice_count)
     return _WeightedLeastRequest(w, retries, rng, float(active_request_bias))
+
+
+# ================================================================================================
+# Slow start (loadBalancer.warmup) and locality load balancing (localityLbSetting)
+#
+# Both are compiled into the immutable ClusterPolicy (SlowStart, LocalityLb below) and applied by
+# `make_cluster_balancer`, which wraps the balancers above.
+
+import math as _math
+import time as _time
+from dataclasses import dataclass as _dataclass, replace as _replace
+
+SLOW_START_REFRESH_MS = 250  # weights of hosts in slow start are recomputed this often
+OVERPROVISIONING_FACTOR = 1.4  # Envoy's default overprovisioning factor (140 %)
+
+
+@_dataclass(frozen=True)
+class SlowStart:
+    """Envoy's slow_start_config as Istio writes it for `warmup` (setWarmup) or the older
+    `warmupDurationSecs`. During `window` seconds after an endpoint joins the cluster its weight is
+    `weight * max(min_weight_percent / 100, time_factor ** (1 / aggression))`, with
+    `time_factor = max(seconds since it joined, 1) / window`.
+
+    `joined`: ((endpoint key, CLOCK_MONOTONIC ms when it joined), ...), stamped by the supervisor
+    (`stamp_joined`) for endpoints added by a reload; endpoints of the first config, like every
+    host Envoy starts with, are not in slow start relative to each other.
+    """
+
+    window: float
+    aggression: float = 1.0
+    min_weight_percent: float = 10.0
+    joined: tuple = ()
+
+    def factor(self, joined_ms: int, now_ms: int) -> float:
+        """The weight multiplier of an endpoint that joined at `joined_ms` (1.0 once warm)."""
+        age = (now_ms - joined_ms) / 1000.0
+        if age >= self.window:
+            return 1.0
+        time_factor = max(age, 1.0) / self.window
+        return max(self.min_weight_percent / 100.0, time_factor ** (1.0 / self.aggression))
+
+
+def slow_start_from_istio(lb) -> SlowStart | None:
+    """SlowStart for an istio.LoadBalancerSettings (None without warmup)."""
+    w = getattr(lb, "warmup", None)
+    if w is not None and w.duration is not None:
+        return SlowStart(w.duration.seconds, 1.0 if w.aggression is None else float(w.aggression),
+                         10.0 if w.minimum_percent is None else float(w.minimum_percent))
+    d = getattr(lb, "warmup_duration_secs", None)
+    if d is not None:
+        # Envoy's own defaults for a bare slow_start_window: aggression 1.0, min weight 10 %
+        return SlowStart(d.seconds)
+    return None
+
+
+def stamp_joined(previous, snapshot, now_ms: int):
+    """The Snapshot with each slow-start cluster's `joined` times: kept for endpoints the previous
+    Snapshot already had, `now_ms` for new ones. With no previous Snapshot nothing is stamped."""
+    if previous is None:
+        return snapshot
+    changed = {}
+    for name, policy in snapshot.clusters.items():
+        ss = policy.slow_start
+        if ss is None:
+            continue
+        old = previous.clusters.get(name)
+        old_keys = {e.key for e in old.endpoints} if old is not None else set()
+        old_joined = dict(old.slow_start.joined) if old is not None and old.slow_start is not None else {}
+        joined = []
+        for e in policy.endpoints:
+            if e.key in old_joined:
+                if now_ms - old_joined[e.key] < ss.window * 1000:
+                    joined.append((e.key, old_joined[e.key]))
+            elif old is not None and e.key not in old_keys:
+                joined.append((e.key, now_ms))
+        joined = tuple(joined)
+        if joined != ss.joined:
+            changed[name] = _replace(policy, slow_start=_replace(ss, joined=joined))
+    if not changed:
+        return snapshot
+    return _replace(snapshot, clusters={**snapshot.clusters, **changed})
+
+
+class _SlowStartBalancer(Balancer):
+    """Weights scaled by SlowStart while any endpoint is warming up, then the plain balancer."""
+
+    __slots__ = ("kind", "_rng", "_base", "_joined", "_slow", "_clock", "_inner", "_next", "_until",
+                 "_plain")
+
+    def __init__(self, kind, weights, rng, slow: SlowStart, keys, clock, retry_max_attempts):
+        super().__init__(weights, retry_max_attempts)
+        self.kind = kind
+        self._rng = rng
+        self._slow = slow
+        self._clock = clock
+        joined = dict(slow.joined)
+        self._joined = tuple(joined.get(k) for k in keys)
+        stamps = [j for j in self._joined if j is not None]
+        self._until = (max(stamps) + slow.window * 1000) if stamps else 0
+        self._plain = None
+        self._inner = None
+        self._next = 0
+
+    def _refresh(self, now: int) -> Balancer:
+        if now >= self._until:
+            if self._plain is None:
+                self._plain = make_balancer(self.kind, self.weights, self._rng,
+                                            host_selection_retry_max_attempts=self.retry_max_attempts)
+            self._inner = self._plain
+            self._next = _math.inf
+            return self._inner
+        scaled = tuple(w * (self._slow.factor(j, now) if j is not None else 1.0)
+                       for w, j in zip(self.weights, self._joined))
+        cls = _EdfRoundRobin if self.kind == "ROUND_ROBIN" else _WeightedLeastRequest
+        if cls is _WeightedLeastRequest:
+            self._inner = cls(scaled, self.retry_max_attempts, self._rng, DEFAULT_ACTIVE_REQUEST_BIAS)
+        else:
+            self._inner = cls(scaled, self.retry_max_attempts, self._rng)
+        self._next = now + SLOW_START_REFRESH_MS
+        return self._inner
+
+    def pick(self, book=None, exclude=None) -> int:
+        inner = self._inner
+        if inner is None or self._next != _math.inf:
+            now = self._clock()
+            if inner is None or now >= self._next:
+                inner = self._refresh(now)
+        return inner.pick(book, exclude)
+
+    def _once(self, book) -> int:
+        return self.pick(book)
+
+
+@_dataclass(frozen=True)
+class LocalityLb:
+    """Envoy priorities and locality weights as Istio assigns them from this proxy's locality
+    (--locality) and the endpoints' `locality` (istio/istio loadbalancer.go).
+
+    priority: per endpoint, 0 = highest; -1 = not a destination (a locality `distribute` leaves
+    out). group: per endpoint, its locality group. group_weight: per group, the locality weight
+    of locality-weighted load balancing (`distribute`); () when localities are not weighted.
+    """
+
+    priority: tuple
+    group: tuple
+    group_weight: tuple = ()
+
+
+def _split_locality(loc: str) -> tuple[str, str, str]:
+    parts = (loc or "").split("/", 2)
+    parts += [""] * (3 - len(parts))
+    return parts[0], parts[1], parts[2]
+
+
+def _locality_match(proxy: str, rule: str) -> bool:
+    """Istio's util.LocalityMatch: `rule` region/zone/subzone, each `*` (or, below region, unset)
+    matching anything."""
+    pr, pz, ps = _split_locality(proxy)
+    rr, rz, rs = _split_locality(rule)
+    return ((rr == "*" or pr == rr) and (rz in ("*", "") or pz == rz) and (rs in ("*", "") or ps == rs))
+
+
+def _lb_priority(proxy: str, endpoint: str) -> int:
+    """Istio's util.LbPriority."""
+    pr, pz, ps = _split_locality(proxy)
+    er, ez, es = _split_locality(endpoint)
+    if pr == er:
+        if pz == ez:
+            return 0 if ps == es else 1
+        return 2
+    return 3
+
+
+def locality_lb_from_istio(setting, endpoints, proxy_locality: str, outlier_detection: bool) -> LocalityLb | None:
+    """LocalityLb for a cluster, or None when locality plays no part (no endpoint has one,
+    locality load balancing is disabled, or neither `distribute` nor failover applies)."""
+    if setting is not None and setting.enabled is False:
+        return None
+    if not endpoints or not any(e.locality for e in endpoints):
+        return None
+    localities = list(dict.fromkeys(e.locality for e in endpoints))
+    group_of = {loc: i for i, loc in enumerate(localities)}
+    group = tuple(group_of[e.locality] for e in endpoints)
+    if setting is not None and setting.distribute:
+        for rule in setting.distribute:
+            if not _locality_match(proxy_locality, rule.from_ or ""):
+                continue
+            base = [0] * len(localities)
+            for e in endpoints:
+                base[group_of[e.locality]] += e.weight
+            weights = [0] * len(localities)
+            unmatched = set(range(len(localities)))
+            for to, w in rule.to.items():
+                dest = [g for g in sorted(unmatched) if _locality_match(localities[g], to)]
+                total = sum(base[g] for g in dest)
+                for g in dest:
+                    unmatched.discard(g)
+                    share = base[g] * w / total if total else 0
+                    if share > 0:
+                        weights[g] = _math.ceil(share)
+            priority = tuple(-1 if group_of[e.locality] in unmatched or not weights[group_of[e.locality]]
+                             else 0 for e in endpoints)
+            return LocalityLb(priority, group, tuple(weights))
+        return None
+    if not outlier_detection:
+        return None  # Istio applies failover only with outlier detection (Envoy could not fail over)
+    failover = setting.failover if setting is not None else ()
+    pr = _split_locality(proxy_locality)[0]
+    raw = []
+    for e in endpoints:
+        p = _lb_priority(proxy_locality, e.locality)
+        if p == 3:
+            for f in failover:
+                if f.from_ == pr:
+                    if _split_locality(e.locality)[0] != f.to:
+                        p = 4
+                    break
+        raw.append(p)
+    order = {p: i for i, p in enumerate(sorted(set(raw)))}
+    return LocalityLb(tuple(order[p] for p in raw), group)
+
+
+class _BookView:
+    """A PoolBook seen through a sub-balancer's index map (LEAST_REQUEST reads rq_active)."""
+
+    __slots__ = ("book", "index")
+
+    def __init__(self, index):
+        self.book = None
+        self.index = index
+
+    def rq_active(self, i: int) -> int:
+        return self.book.rq_active(self.index[i])
+
+
+class _LocalityBalancer(Balancer):
+    """Envoy's priority and locality-weighted selection over per-locality balancers.
+
+    All hosts healthy: the highest priority takes every request (its health is >= 100 % / 1.4).
+    `pick_healthy(book, exclude, healthy)`, used while hosts are ejected: Envoy's priority load
+    (each priority's healthy share times the overprovisioning factor 1.4, spilling what it cannot
+    carry to the next), then, with locality weights, a locality by weight times its availability,
+    then a host of that locality with the cluster's balancer.
+    """
+
+    __slots__ = ("kind", "_rng", "_levels", "_weighted", "_edf")
+
+    def __init__(self, kind, weights, rng, loc: LocalityLb, retry_max_attempts):
+        super().__init__(weights, retry_max_attempts)
+        self.kind = kind
+        self._rng = rng
+        self._weighted = bool(loc.group_weight)
+        levels: dict = {}
+        for i, p in enumerate(loc.priority):
+            if p < 0:
+                continue
+            key = (p, loc.group[i] if self._weighted else 0)
+            levels.setdefault(p, {}).setdefault(key[1], []).append(i)
+        self._levels = []  # per priority: [(group weight, index tuple, balancer, view), ...]
+        for p in sorted(levels):
+            entries = []
+            for g, idx in levels[p].items():
+                idx = tuple(idx)
+                view = _BookView(idx)
+                b = make_balancer(kind, [weights[i] for i in idx], rng,
+                                  host_selection_retry_max_attempts=retry_max_attempts)
+                gw = loc.group_weight[g] if self._weighted else 1
+                entries.append((gw, idx, b, view))
+            self._levels.append(entries)
+        # smooth weighted round robin state over each priority's localities
+        self._edf = [[0.0] * len(entries) for entries in self._levels]
+
+    def _pick_in(self, level: int, book, weights) -> int:
+        entries = self._levels[level]
+        if len(entries) == 1:
+            k = 0
+        else:
+            cur = self._edf[level]
+            total = 0.0
+            k = -1
+            for j, w in enumerate(weights):
+                cur[j] += w
+                total += w
+                if w > 0 and (k < 0 or cur[j] > cur[k]):
+                    k = j
+            if k < 0:
+                return -1
+            cur[k] -= total
+        _, idx, b, view = entries[k]
+        view.book = book
+        return idx[b.pick(view)]
+
+    def pick(self, book=None, exclude=None) -> int:
+        if not self._levels:
+            raise NoHealthyUpstream("no endpoint in a selected locality")
+        weights = [e[0] for e in self._levels[0]]
+        i = self._pick_in(0, book, weights)
+        if exclude and i in exclude:
+            for _ in range(self.retry_max_attempts):
+                i = self._pick_in(0, book, weights)
+                if i not in exclude:
+                    break
+        return i
+
+    _once = pick
+
+    def pick_healthy(self, book, exclude, healthy) -> int:
+        """A host among `healthy` (indexes), or -1 when no priority has one."""
+        ok = set(healthy)
+        loads = []
+        remaining = 100
+        for entries in self._levels:
+            total = sum(len(e[1]) for e in entries)
+            up = sum(1 for e in entries for i in e[1] if i in ok)
+            health = min(100, int(OVERPROVISIONING_FACTOR * up * 100 / total)) if total else 0
+            take = min(remaining, health)
+            loads.append(take)
+            remaining -= take
+        if sum(loads) == 0:
+            return -1
+        draw = self._rng.getrandbits(32) % sum(loads)
+        level = 0
+        for level, load in enumerate(loads):
+            if draw < load:
+                break
+            draw -= load
+        entries = self._levels[level]
+        weights = []
+        for gw, idx, _, _ in entries:
+            up = sum(1 for i in idx if i in ok)
+            weights.append(gw * min(1.0, OVERPROVISIONING_FACTOR * up / len(idx)) if idx else 0)
+        avoid = ok.difference(exclude) if exclude else ok
+        for _ in range(2 * self.n):
+            i = self._pick_in(level, book, weights)
+            if i in avoid or (i in ok and not avoid):
+                return i
+        pool = sorted(i for e in entries for i in e[1] if i in (avoid or ok))
+        return pool[self._rng.getrandbits(32) % len(pool)] if pool else -1
+
+
+def make_cluster_balancer(policy, rng: random.Random, clock=None) -> Balancer:
+    """The balancer for a ClusterPolicy: its `lb` kind over its endpoints' weights, with slow start
+    (`policy.slow_start`) and priorities/locality weights (`policy.locality_lb`) when configured.
+    `clock()`: CLOCK_MONOTONIC milliseconds (the supervisor's `joined` stamps use the same clock)."""
+    weights = [e.weight for e in policy.endpoints]
+    loc = getattr(policy, "locality_lb", None)
+    if loc is not None and policy.endpoints:
+        return _LocalityBalancer(policy.lb, _normalise_weights(weights), rng, loc,
+                                 HOST_SELECTION_RETRY_MAX_ATTEMPTS)
+    slow = getattr(policy, "slow_start", None)
+    if slow is not None and slow.joined and policy.endpoints:
+        clock = clock or (lambda: int(_time.monotonic() * 1000))
+        return _SlowStartBalancer(policy.lb, _normalise_weights(weights), rng, slow,
+                                  [e.key for e in policy.endpoints], clock, HOST_SELECTION_RETRY_MAX_ATTEMPTS)
+    return make_balancer(policy.lb, weights, rng)

@@ -16,7 +16,7 @@ import time
 from meshcore.config.policy import ClusterPolicy
 from meshcore.shm import layout as L
 from meshcore.upstream import breaker, outlier
-from meshcore.upstream.balancer import make_balancer
+from meshcore.upstream.balancer import make_cluster_balancer
 from meshcore.upstream.pool import PoolBook
 from meshcore.upstream.ring import pick_excluding
 
@@ -51,7 +51,8 @@ class ClusterState:
             if policy.endpoints:
                 self.table = policy.ring_config.build([e.key for e in policy.endpoints], weights)
         else:
-            self.balancer = make_balancer(policy.lb, weights, rng) if policy.endpoints else None
+            # lb kind, plus slow start and locality priorities/weights when configured
+            self.balancer = make_cluster_balancer(policy, rng) if policy.endpoints else None
         self.outlier = policy.outlier if policy.outlier is not None else outlier.DISABLED
         self.limits = policy.limits if policy.limits is not None else breaker.DEFAULT_LIMITS
         cslot, hslots = slots
@@ -91,6 +92,9 @@ class ClusterState:
             return self._pick_hashed(table, index, h, exclude)
         if len(healthy) == self.n:
             return self.balancer.pick(self.book, exclude)
+        pick_healthy = getattr(self.balancer, "pick_healthy", None)
+        if pick_healthy is not None:  # locality priorities: Envoy's spill-over to lower priorities
+            return pick_healthy(self.book, exclude, healthy)
         ok = set(healthy)
         avoid = ok.difference(exclude) if exclude else ok
         for _ in range(2 * self.n):  # the balancer's own order, restricted to healthy hosts

@@ -206,19 +206,31 @@ SERVICES = ("retry-service", "eject-service", "gw-service", "web-service", "mirr
             "slow-service")
 
 
-def drive(port, pods):
+def wait_ejected(admin, svc):
+    """Envoy ejects on its main thread, after the request that crossed the threshold (a posted
+    event): wait until the ejection is in effect, so the next request sees it on both proxies."""
+    deadline = time.monotonic() + 10
+    while cluster_counters(admin).get((svc, "outlier_detection.ejections_active"), 0) < 1:
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{svc}: no ejection")
+        time.sleep(0.02)
+
+
+def drive(port, admin, pods):
     """The traffic, identical for both proxies."""
     for _ in range(4):  # 503 on every pod: 1 try + 2 retries each, then 503 URX
         assert get(port, "/?failRate=100&mode=busy", host="retry-service").status == 503
     for _ in range(3):
         assert get(port, "/", host="retry-service").status == 200
     # eject-service: two 500s eject its only host; the next two find no healthy host (UH)
-    assert [get(port, "/status/500", host="eject-service").status for _ in range(4)] == [
-        500, 500, 503, 503]
+    assert [get(port, "/status/500", host="eject-service").status for _ in range(2)] == [500, 500]
+    wait_ejected(admin, "eject-service")
+    assert [get(port, "/status/500", host="eject-service").status for _ in range(2)] == [503, 503]
     # gw-service: two 503s eject by consecutive gateway errors (Envoy counts no
     # ejections_total for that type: it is the deprecated 5xx/success-rate counter)
-    assert [get(port, "/status/503", host="gw-service").status for _ in range(3)] == [
-        503, 503, 503]
+    assert [get(port, "/status/503", host="gw-service").status for _ in range(2)] == [503, 503]
+    wait_ejected(admin, "gw-service")
+    assert get(port, "/status/503", host="gw-service").status == 503  # no healthy host (UH)
     for _ in range(5):
         assert get(port, "/", host="web-service").status == 200
     deadline = time.monotonic() + 10
@@ -280,10 +292,10 @@ def test_cluster_counters_agree_with_envoy(tmp_path):
     px = Proxy([write_config(str(tmp_path), istio)], workers=1, extra=["--no-access-log"])
     try:
         wait_port(listen, timeout=30)
-        drive(listen, pods)
+        drive(listen, admin, pods)
         envoy_counts = cluster_counters(admin)
         pods.clear()
-        drive(px.port, pods)
+        drive(px.port, px.admin, pods)
         mesh_counts = cluster_counters(px.admin)
     finally:
         px.stop()

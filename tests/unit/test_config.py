@@ -76,12 +76,19 @@ def demo():
     return compile_sources(read_sources([os.path.join(EXAMPLES, "demo")]))
 
 
+def kube_alt_names(host: str, ports=(80,), ns="default") -> set:
+    """The Kubernetes names a short ServiceEntry host also answers to (proxy in its namespace)."""
+    names = {f"{host}.{ns}.svc.cluster.local", f"{host}.{ns}", f"{host}.{ns}.svc"}
+    return names | {f"{n}:{p}" for n in names for p in ports}
+
+
 def test_demo_vhosts_and_clusters():
     s = demo()
     assert set(s.vhosts) == {
         "myweb-service", "myweb-service:80", "split-service", "split-service:80",
         "retry-service", "retry-service:80",
-    }
+    } | kube_alt_names("myweb-service") | kube_alt_names("split-service") | kube_alt_names("retry-service")
+    assert s.vhosts["retry-service.default.svc.cluster.local:80"] is s.vhosts["retry-service:80"]
     assert set(s.clusters) == {
         "outbound|80||myweb-service", "outbound|80|v1|myweb-service", "outbound|80|v2|myweb-service",
         "outbound|80||split-service", "outbound|80|v1|split-service", "outbound|80|v2|split-service",
@@ -136,7 +143,8 @@ def test_seed_dirs_present_and_share_one_services_file():
 def test_seed_common_vhosts(d):
     s = seed(d)
     assert set(s.vhosts) == {"retry-service", "retry-service:80", "myweb-service", "myweb-service:80",
-                             "sniffer", "sniffer:80"}
+                             "sniffer", "sniffer:80"} | kube_alt_names("retry-service") | \
+        kube_alt_names("myweb-service") | kube_alt_names("sniffer")
     assert BASE_CLUSTERS <= set(s.clusters)
     assert eps(s.clusters["outbound|80||sniffer"]) == [("127.0.0.1", 18099)]
 
@@ -190,7 +198,8 @@ def test_seed_mirror():
     (r,) = s.vhosts["retry-service"].routes
     assert [d.cluster for d in r.destinations] == ["outbound|80||retry-service"]
     ((mirror, cluster),) = r.mirrors
-    assert (mirror.host, mirror.percent, mirror.shadow_suffix) == ("sniffer", 100.0, True)
+    # `sniffer` expands to its Kubernetes name, which the ServiceEntry host `sniffer` stands for
+    assert (mirror.host, mirror.percent, mirror.shadow_suffix) == ("sniffer.default.svc.cluster.local", 100.0, True)
     assert cluster == "outbound|80||sniffer"
 
 
@@ -265,7 +274,7 @@ def test_every_problem_is_listed_across_documents_and_files():
                          "dr.yaml": textwrap.dedent(bad_dr).encode()})
     assert ei.value.problems == [
         "rules.yaml: VirtualService retry-vs: spec.http[0].retries.attempts: expected int, got str",
-        "rules.yaml: VirtualService retry-vs: spec.http[0].retries.per_try_timeout: unknown field",
+        "rules.yaml: VirtualService retry-vs: spec.http[0].retries.per_try_timeout: unknown field (the YAML name is perTryTimeout)",
         "dr.yaml: DestinationRule dr: spec.trafficPolicy.loadBalancer.simple: invalid value 'FASTEST'; "
         "expected one of LEAST_CONN, LEAST_REQUEST, PASSTHROUGH, RANDOM, ROUND_ROBIN, UNSPECIFIED",
         "dr.yaml: DestinationRule dr: spec.trafficPolicy.connectionPool.tcp.connectTimeout: "
@@ -279,7 +288,7 @@ def test_every_problem_is_listed_across_documents_and_files():
 def test_unknown_kind_and_api_version():
     p = problems("""\
     apiVersion: networking.istio.io/v1
-    kind: Gateway
+    kind: Gatway
     metadata: {name: gw}
     spec: {}
     ---
@@ -311,9 +320,10 @@ def test_unknown_kind_and_api_version():
     metadata: oops
     """)
     kinds = "expected one of ServiceEntry, WorkloadEntry, VirtualService, DestinationRule"
+    skippable = ("AuthorizationPolicy, EnvoyFilter, Gateway, PeerAuthentication, ProxyConfig, "
+                 "RequestAuthentication, Sidecar, Telemetry, TrafficExtension, WasmPlugin, WorkloadGroup")
     assert p == [
-        f"rules.yaml: document 1: kind: unknown kind 'Gateway'; {kinds}",
-        f"rules.yaml: document 2: kind: unknown kind 'Deployment'; {kinds}",
+        f"rules.yaml: Gatway gw: kind: unknown kind 'Gatway'; {kinds} (or one meshcore skips: {skippable})",
         "rules.yaml: VirtualService vs: apiVersion: unsupported apiVersion 'networking.istio.io/v2'; expected one of "
         "networking.istio.io/v1alpha3, networking.istio.io/v1beta1, networking.istio.io/v1",
         "rules.yaml: VirtualService vs2: apiVersion: missing required field",
@@ -325,6 +335,65 @@ def test_unknown_kind_and_api_version():
         "rules.yaml: document 8: metadata: expected object, got str",
         "rules.yaml: document 8: spec: missing required field",
     ]
+
+
+def test_other_kinds_are_skipped_with_one_warning_each():
+    s = snap(with_se("""\
+    apiVersion: networking.istio.io/v1
+    kind: Gateway
+    metadata: {name: gw, namespace: istio-system}
+    spec: {selector: {istio: ingressgateway}, servers: []}
+    ---
+    apiVersion: security.istio.io/v1
+    kind: PeerAuthentication
+    metadata: {name: default}
+    spec: {mtls: {mode: STRICT}}
+    ---
+    apiVersion: v1
+    kind: Service
+    metadata: {name: web}
+    spec: {ports: [{port: 80}]}
+    ---
+    apiVersion: apps/v1
+    kind: Deployment
+    metadata: {name: web-v1}
+    ---
+    apiVersion: gateway.networking.k8s.io/v1
+    kind: HTTPRoute
+    metadata: {name: r}
+    """))
+    assert list(s.warnings) == [
+        "rules.yaml: Gateway istio-system/gw: skipped: meshcore does not act on Gateway (networking.istio.io/v1)",
+        "rules.yaml: PeerAuthentication default: skipped: meshcore does not act on PeerAuthentication "
+        "(security.istio.io/v1)",
+        "rules.yaml: Service web: skipped: Service (v1) is not an Istio traffic resource; meshcore reads "
+        "ServiceEntry, WorkloadEntry, VirtualService, DestinationRule",
+        "rules.yaml: Deployment web-v1: skipped: Deployment (apps/v1) is not an Istio traffic resource; meshcore "
+        "reads ServiceEntry, WorkloadEntry, VirtualService, DestinationRule",
+        "rules.yaml: HTTPRoute r: skipped: HTTPRoute (gateway.networking.k8s.io/v1) is not an Istio traffic "
+        "resource; meshcore reads ServiceEntry, WorkloadEntry, VirtualService, DestinationRule",
+    ]
+    assert "outbound|80||web" in s.clusters
+
+
+def test_kubernetes_list_items_are_read_as_documents():
+    doc = {"apiVersion": "v1", "kind": "List", "items": [
+        {"apiVersion": "networking.istio.io/v1", "kind": "ServiceEntry", "metadata": {"name": "l"},
+         "spec": {"hosts": ["l.example.com"], "ports": [{"number": 80, "name": "http", "protocol": "HTTP"}],
+                  "resolution": "STATIC", "endpoints": [{"address": "10.0.0.9"}]}},
+        {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "c"}},
+        {"kind": "ServiceEntry"},
+    ]}
+    with pytest.raises(ConfigError) as ei:
+        compile_sources({"l.json": orjson.dumps(doc)})
+    assert ei.value.problems == ["l.json: document 1 items[2]: apiVersion: missing required field",
+                                 "l.json: document 1 items[2]: metadata.name: missing required field",
+                                 "l.json: document 1 items[2]: spec: missing required field"]
+    doc["items"].pop()
+    s = compile_sources({"l.json": orjson.dumps(doc)})
+    assert eps(s.clusters["outbound|80||l.example.com"]) == [("10.0.0.9", 80)]
+    assert s.warnings == ("l.json: ConfigMap c: skipped: ConfigMap (v1) is not an Istio traffic resource; "
+                          "meshcore reads ServiceEntry, WorkloadEntry, VirtualService, DestinationRule",)
 
 
 @pytest.mark.parametrize("api", istio.API_VERSIONS)
@@ -411,6 +480,16 @@ def test_json_source_and_json_error():
                                           ("0s", 0.0), (".5s", 0.5)])
 def test_valid_durations(text, seconds):
     assert istio.parse_duration(text) == pytest.approx(seconds)
+    if seconds < 0.001:
+        # Istio's validator: a route timeout must be at least 1ms, to the millisecond
+        p = problems(with_se(f"""\
+        apiVersion: networking.istio.io/v1
+        kind: VirtualService
+        metadata: {{name: vs}}
+        spec: {{hosts: [web], http: [{{timeout: "{text}", route: [{{destination: {{host: web}}}}]}}]}}
+        """))
+        assert p == ["rules.yaml: VirtualService vs: spec.http[0].timeout: duration must be greater than 1ms"]
+        return
     s = snap(with_se(f"""\
     apiVersion: networking.istio.io/v1
     kind: VirtualService
@@ -493,7 +572,7 @@ def test_unknown_fields_everywhere():
     assert p == [
         "rules.yaml: VirtualService vs: metadata.color: unknown field",
         "rules.yaml: VirtualService vs: spec.http[0].route[0].destination.version: unknown field",
-        "rules.yaml: VirtualService vs: spec.http[0].retries.per_try_timeout: unknown field",
+        "rules.yaml: VirtualService vs: spec.http[0].retries.per_try_timeout: unknown field (the YAML name is perTryTimeout)",
         "rules.yaml: VirtualService vs: spec.bogus: unknown field",
         "rules.yaml: VirtualService vs: extra: unknown field",
     ]
@@ -518,7 +597,9 @@ def test_range_and_required_errors():
     ]
 
 
-def test_duplicate_names_per_kind():
+def test_config_folders_combine_as_kubectl_apply():
+    """`-f dir1 -f dir2`: the same resource twice is kept once; a different redefinition is an error
+    naming both places (issue 13 item 3)."""
     dr = """\
     apiVersion: networking.istio.io/v1
     kind: DestinationRule
@@ -532,34 +613,46 @@ def test_duplicate_names_per_kind():
     spec: {hosts: [a], http: [{route: [{destination: {host: a}}]}]}
     """
     other_ns = dr.replace("{name: same}", "{name: same, namespace: other}")
+    explicit_default = dr.replace("{name: same}", "{name: same, namespace: default, resourceVersion: '7'}")
+    s = compile_sources({"one.yaml": textwrap.dedent(dr + "---\n" + vs).encode(),
+                         "two.yaml": textwrap.dedent(explicit_default + "---\n" + other_ns).encode()})
+    assert [w.split(": ", 3)[2] for w in s.warnings] == ["spec.http[0].route[0].destination.host"]  # only that
+    changed = dr.replace("{host: a}", "{host: b}")
     with pytest.raises(ConfigError) as ei:
         compile_sources({"one.yaml": textwrap.dedent(dr + "---\n" + vs).encode(),
-                         "two.yaml": textwrap.dedent(dr + "---\n" + other_ns).encode()})
+                         "two.yaml": textwrap.dedent(vs + "---\n" + changed).encode()})
     assert ei.value.problems == [
-        "two.yaml: DestinationRule same: metadata.name: duplicate DestinationRule 'same' (first defined in one.yaml document 1)"]
+        "two.yaml: DestinationRule same: metadata.name: conflicting redefinition of DestinationRule default/same: "
+        "already defined with different content in one.yaml document 1"]
+
+
+def test_seed_scenario_folders_combine():
+    s = compile_sources(read_sources([os.path.join(SEED, "1-retry"), os.path.join(SEED, "3-lb-random")]))
+    assert "outbound|80||retry-service" in s.clusters and "outbound|80||myweb-service" in s.clusters
 
 
 def test_semantic_errors():
+    """What Istio's validator rejects (pkg/config/validation), with file, document and field."""
     p = problems("""\
     apiVersion: networking.istio.io/v1
     kind: ServiceEntry
     metadata: {name: none}
-    spec: {hosts: [n], ports: [{number: 80, name: http}]}
+    spec: {hosts: [n], ports: [{number: 80, name: http}], endpoints: [{address: 10.0.0.1}]}
     ---
     apiVersion: networking.istio.io/v1
     kind: ServiceEntry
     metadata: {name: static}
     spec:
-      hosts: [s, "*.wild.com"]
-      ports: [{number: 80, name: http}, {number: 80, name: http2}, {number: 81, name: http}]
+      hosts: [s, "*.wild.com", "*"]
+      ports: [{number: 80, name: http, protocol: HTTP}, {number: 80, name: http2, protocol: HTTP}, {number: 81, name: http, protocol: HTTP}, {number: 82, name: Bad_Name, protocol: QUIC}]
       resolution: STATIC
-      endpoints: [{address: not-an-ip}, {address: "unix:///tmp/sock"}]
+      endpoints: [{address: not-an-ip}, {address: "unix://relative"}]
       workloadSelector: {labels: {app: x}}
     ---
     apiVersion: networking.istio.io/v1
     kind: ServiceEntry
-    metadata: {name: noports}
-    spec: {hosts: [p], resolution: DYNAMIC_DNS}
+    metadata: {name: dyn}
+    spec: {hosts: [p.example.com], resolution: DYNAMIC_DNS, addresses: [10.0.0.0/8]}
     ---
     apiVersion: networking.istio.io/v1
     kind: DestinationRule
@@ -569,13 +662,14 @@ def test_semantic_errors():
       trafficPolicy:
         loadBalancer: {simple: PASSTHROUGH, consistentHash: {httpHeaderName: u, useSourceIp: true}}
         connectionPool: {tcp: {connectTimeout: 0s}, http: {maxRequestsPerConnection: -1}}
-        portLevelSettings: [{port: {number: 80}}, {port: {number: 80}}, {}]
+        portLevelSettings: [{port: {number: 80}, loadBalancer: {simple: RANDOM}}, {port: {number: 80}, loadBalancer: {simple: RANDOM}}, {}]
       subsets: [{name: v1}, {name: v1}]
     ---
     apiVersion: networking.istio.io/v1
     kind: VirtualService
     metadata: {name: vs}
     spec:
+      hosts: [s, s]
       http:
       - {timeout: 1s}
       - route: [{destination: {host: s}, weight: 0}, {destination: {host: s, subset: v1}}]
@@ -583,29 +677,33 @@ def test_semantic_errors():
         redirect: {uri: /x}
     """)
     assert p == [
-        "rules.yaml: ServiceEntry none: spec.resolution: resolution NONE (passthrough) is not supported",
-        "rules.yaml: ServiceEntry static: spec.hosts[1]: wildcard host '*.wild.com' is not supported (it needs resolution NONE)",
-        "rules.yaml: ServiceEntry static: spec.ports[1].number: duplicate port 80",
-        "rules.yaml: ServiceEntry static: spec.ports[2].name: duplicate port name 'http'",
-        "rules.yaml: ServiceEntry static: spec.workloadSelector: only one of endpoints or workloadSelector may be set",
-        "rules.yaml: ServiceEntry static: spec.endpoints[0].address: address 'not-an-ip' is not an IP address (resolution STATIC)",
-        "rules.yaml: ServiceEntry static: spec.endpoints[1].address: unix domain socket endpoints are not supported",
-        "rules.yaml: ServiceEntry noports: spec.resolution: resolution DYNAMIC_DNS is not supported",
-        "rules.yaml: ServiceEntry noports: spec.ports: at least one port is required",
-        "rules.yaml: DestinationRule dr: spec.trafficPolicy.loadBalancer: only one of simple or consistentHash may be set",
-        "rules.yaml: DestinationRule dr: spec.trafficPolicy.loadBalancer.simple: PASSTHROUGH is not supported",
-        "rules.yaml: DestinationRule dr: spec.trafficPolicy.loadBalancer.consistentHash: only one hash key may be set, "
-        "got httpHeaderName, useSourceIp",
-        "rules.yaml: DestinationRule dr: spec.trafficPolicy.connectionPool.tcp.connectTimeout: must be at least 1ms",
-        "rules.yaml: DestinationRule dr: spec.trafficPolicy.connectionPool.http.maxRequestsPerConnection: must be >= 0",
-        "rules.yaml: DestinationRule dr: spec.trafficPolicy.portLevelSettings[1].port.number: duplicate port 80",
-        "rules.yaml: DestinationRule dr: spec.trafficPolicy.portLevelSettings[2].port: missing required field",
-        "rules.yaml: DestinationRule dr: spec.subsets[1].name: duplicate subset name 'v1'",
-        "rules.yaml: VirtualService vs: spec.hosts: at least one host is required",
-        "rules.yaml: VirtualService vs: spec.http[0]: one of route, redirect, directResponse or delegate is required",
-        "rules.yaml: VirtualService vs: spec.http[1].route: every destination has weight 0",
-        "rules.yaml: VirtualService vs: spec.http[2]: only one of route, redirect, directResponse or delegate may be set, "
-        "got route, redirect",
+        'rules.yaml: ServiceEntry none: spec.endpoints: no endpoints should be provided for resolution type none',
+        'rules.yaml: ServiceEntry static: spec: only one of WorkloadSelector or Endpoints is allowed in Service Entry',
+        'rules.yaml: ServiceEntry static: spec.hosts[2]: invalid host *',
+        'rules.yaml: ServiceEntry static: spec.ports[1].number: service entry port 80 already defined',
+        "rules.yaml: ServiceEntry static: spec.ports[2].name: service entry port name 'http' already defined",
+        'rules.yaml: ServiceEntry static: spec.ports[3].name: invalid port name: Bad_Name',
+        'rules.yaml: ServiceEntry static: spec.ports[3].protocol: unsupported protocol: QUIC',
+        "rules.yaml: ServiceEntry static: spec.endpoints[0].address: endpoint address 'not-an-ip' is not a valid IP address",
+        'rules.yaml: ServiceEntry static: spec.endpoints[1].address: relative is not an absolute path to a file',
+        'rules.yaml: ServiceEntry static: spec.endpoints[1]: exactly 1 service port required for unix endpoints',
+        'rules.yaml: ServiceEntry static: spec.hosts: multiple hosts provided with non-HTTP, non-TLS ports',
+        'rules.yaml: ServiceEntry dyn: spec.addresses: CIDR addresses are allowed only for NONE/STATIC resolution types',
+        'rules.yaml: ServiceEntry dyn: spec.hosts[0]: host must be wildcarded for resolution mode DYNAMIC_DNS',
+        'rules.yaml: ServiceEntry dyn: spec.addresses: addresses cannot be set for resolution type DYNAMIC_DNS. HTTP route domains will only be generated from the hosts field values',
+        'rules.yaml: ServiceEntry dyn: spec.location: location must be MESH_EXTERNAL or MESH_INTERNAL for resolution type DYNAMIC_DNS',
+        'rules.yaml: DestinationRule dr: spec.trafficPolicy.connectionPool.http.maxRequestsPerConnection: max requests per connection must be non-negative',
+        'rules.yaml: DestinationRule dr: spec.trafficPolicy.connectionPool.tcp.connectTimeout: duration must be greater than 1ms',
+        'rules.yaml: DestinationRule dr: spec.trafficPolicy.portLevelSettings[2].port: portTrafficPolicy must have valid port',
+        'rules.yaml: DestinationRule dr: spec.trafficPolicy.portLevelSettings[2]: port traffic policy must have at least one field',
+        'rules.yaml: DestinationRule dr: spec.subsets[1].name: duplicate subset names: v1',
+        'rules.yaml: DestinationRule dr: spec.trafficPolicy.loadBalancer: only one of simple or consistentHash may be set',
+        'rules.yaml: DestinationRule dr: spec.trafficPolicy.loadBalancer.consistentHash: only one hash key may be set, got httpHeaderName, useSourceIp',
+        'rules.yaml: DestinationRule dr: spec.trafficPolicy.portLevelSettings[1].port.number: duplicate port 80',
+        'rules.yaml: VirtualService vs: spec.hosts[1]: duplicate hosts in virtual service: s & s',
+        'rules.yaml: VirtualService vs: spec.http[0]: HTTP route, redirect or direct_response is required',
+        'rules.yaml: VirtualService vs: spec.http[1].route: total destination weight = 0',
+        'rules.yaml: VirtualService vs: spec.http[2]: HTTP route cannot contain both route and redirect',
     ]
 
 
@@ -618,7 +716,7 @@ def test_all_weights_zero_is_an_error():
       hosts: [web]
       http: [{route: [{destination: {host: web}, weight: 0}, {destination: {host: web}}]}]
     """))
-    assert p == ["rules.yaml: VirtualService vs: spec.http[0].route: every destination has weight 0"]
+    assert p == ["rules.yaml: VirtualService vs: spec.http[0].route: total destination weight = 0"]
 
 
 def test_null_means_unset():
@@ -646,7 +744,7 @@ def tails(s):
     return [w.split(": ", 2)[2] for w in s.warnings]
 
 
-def test_virtual_service_unimplemented_fields_warn():
+def test_virtual_service_fields_decode_and_only_the_unimplemented_warn():
     s = snap(with_se("""\
     apiVersion: networking.istio.io/v1alpha3
     kind: VirtualService
@@ -672,7 +770,6 @@ def test_virtual_service_unimplemented_fields_warn():
         mirror: {host: web}
         mirrorPercentage: {value: 50}
         mirror_percent: 50
-        mirrors: [{destination: {host: web}}]
         headers: {response: {remove: [x]}}
         rewrite: {uri: /x}
         corsPolicy: {allowOrigins: [{exact: "*"}]}
@@ -681,32 +778,38 @@ def test_virtual_service_unimplemented_fields_warn():
       - delegate: {name: d}
       tcp: [{route: [{destination: {host: web}}]}]
       tls: [{match: [{sniHosts: [web]}], route: [{destination: {host: web}}]}]
-    """))
+    """), namespace="ns", labels={"app": "a"})
     assert tails(s) == [
-        "spec.tcp: " + NI,
-        "spec.tls: " + NI,
-        "spec.http[0].headers: " + NI,
-        "spec.http[0].rewrite: " + NI,
-        "spec.http[0].corsPolicy: " + NI,
-        "spec.http[0].match[0].sourceLabels: " + NI,
-        "spec.http[0].match[0].gateways: " + NI,
-        "spec.http[0].match[0].sourceNamespace: " + NI,
-        "spec.http[0].match[0].port: " + NI,
-        "spec.http[0].match[0].scheme: " + NI,
-        "spec.http[0].match[0].statPrefix: " + NI,
-        "spec.http[0].route[0].headers: " + NI,
-        "spec.http[0].mirrors: mirror and mirrors are both set (Istio's validation rejects this); "
-        "both are applied, mirror first",
+        'spec.http[0].mirror_percent: using deprecated setting "mirrorPercent", use "mirrorPercentage" instead',
+        "spec.tcp: TCP routes are not implemented (HTTP/1.1 only); ignored",
+        "spec.tls: TLS routes are not implemented (HTTP/1.1 only); ignored",
+        "spec.http[3].delegate: delegate VirtualService ns/d not found; route ignored",
+        "spec.http[0].match[0].statPrefix: meshcore keeps no per-route stats; ignored",
         "spec.http[0].mirror_percent: mirror_percent is ignored when mirrorPercentage is set",
-        "spec.http[1].redirect: " + NI,
-        "spec.http[2].directResponse: " + NI,
-        "spec.http[3].delegate: " + NI,
     ]
-    assert s.warnings[0] == "rules.yaml: VirtualService vs: spec.tcp: " + NI
-    # the redirect-only route exists (no destination): pick_destination gives "" -> no cluster
     routes = s.vhosts["web"].routes
-    assert [r.name for r in routes] == ["vs.m", "vs", "vs", "vs"]
-    assert routes[1].destinations == ()
+    assert [r.name for r in routes] == ["vs.m", "vs", "vs"]
+    assert routes[0].destinations[0].rewrite.prefix == (b"/", b"/x", False)
+    assert routes[0].cors is not None
+    assert routes[1].destinations == () and routes[1].direct.path == b"/new"
+    assert routes[2].direct.reply.status == 503
+    # another workload (labels, namespace) does not get the sourceLabels/sourceNamespace route
+    other = snap(with_se(vs_text := """\
+    apiVersion: networking.istio.io/v1
+    kind: VirtualService
+    metadata: {name: vs}
+    spec:
+      hosts: [web]
+      http:
+      - match: [{sourceLabels: {app: a}, name: only-a}]
+        route: [{destination: {host: web}}]
+      - match: [{gateways: [edge], name: gw-only}, {sourceNamespace: other, name: other-ns}, {port: 8080, name: p8080}]
+        route: [{destination: {host: web}}]
+      - route: [{destination: {host: web}}]
+    """))
+    assert [r.name for r in other.vhosts["web"].routes] == ["vs"]
+    mine = snap(with_se(vs_text), labels={"app": "a", "version": "v1"})
+    assert [r.name for r in mine.vhosts["web"].routes] == ["vs.only-a", "vs"]
 
 
 def test_istio_14_fields_decode_and_warn():
@@ -737,19 +840,16 @@ def test_istio_14_fields_decode_and_warn():
         tls: {mode: ISTIO_MUTUAL}
     """))
     assert tails(s) == [
-        "spec.http[0].corsPolicy: " + NI,
-        "spec.http[0].websocketUpgrade: " + NI,
-        "spec.http[0].appendHeaders: " + NI,
-        "spec.http[0].removeResponseHeaders: " + NI,
-        "spec.http[0].route[0].appendRequestHeaders: " + NI,
-        "spec.http[0].fault.abort.percent: abort.percent (Istio <= 1.4) is ignored by current Istio; "
-        "use abort.percentage",
-        "spec.http[0].fault.abort.percentage: no percentage (or 0%): the abort is never injected",
-        "spec.trafficPolicy: outlierDetection.consecutiveErrors is deprecated: applied as Istio 1.4 did "
-        "(consecutive_gateway_failure=2, 502/503/504 and connection failures only; 5xx not enforced). "
-        "Istio >= 1.7 ignores it and falls back to 5 consecutive 5xx; use consecutiveGatewayErrors / "
-        "consecutive5xxErrors",
-        "spec.trafficPolicy.tls: " + NI,
+        'spec.http[0].websocketUpgrade: an Istio <= 1.4 field, ignored: Istio >= 1.5 lets every route carry WebSocket upgrades',
+        'spec.http[0].appendHeaders: removed in Istio 1.5 (use headers); ignored',
+        'spec.http[0].removeResponseHeaders: removed in Istio 1.5 (use headers); ignored',
+        'spec.http[0].route[0].appendRequestHeaders: removed in Istio 1.5 (use headers); ignored',
+        'spec.http[0].corsPolicy.allowOrigin: deprecated: use allowOrigins',
+        'spec.http[0].fault.abort.percent: abort.percent (Istio <= 1.4) is ignored by current Istio; use abort.percentage',
+        'spec.http[0].fault.abort.percentage: no percentage (or 0%): the abort is never injected',
+        "spec.trafficPolicy.loadBalancer.consistentHash.minimumRingSize: consistent hash MinimumRingSize is deprecated, use ConsistentHashLB's RingHash configuration instead",
+        'spec.trafficPolicy: outlierDetection.consecutiveErrors is deprecated: applied as Istio 1.4 did (consecutive_gateway_failure=2, 502/503/504 and connection failures only; 5xx not enforced). Istio >= 1.7 ignores it and falls back to 5 consecutive 5xx; use consecutiveGatewayErrors / consecutive5xxErrors',
+        "spec.trafficPolicy.tls.mode: ISTIO_MUTUAL needs Istio's workload certificates, which meshcore has not; traffic to this destination is sent in plaintext",
     ]
 
 
@@ -761,20 +861,19 @@ def test_destination_rule_unimplemented_fields_warn():
     spec:
       host: web
       workloadSelector: {matchLabels: {app: x}}
-      exportTo: ["*"]
+      exportTo: ["."]
       trafficPolicy:
         loadBalancer:
           simple: ROUND_ROBIN
-          localityLbSetting: {enabled: true}
+          zoneAwareLbSetting: {enabled: true}
           warmupDurationSecs: 10s
         connectionPool:
           tcp: {maxConnections: 1, connectTimeout: 1s, tcpKeepalive: {probes: 1}, maxConnectionDuration: 1h, idleTimeout: 1s}
           http: {http1MaxPendingRequests: 1, http2MaxRequests: 1, maxRequestsPerConnection: 1, maxRetries: 1,
-                 idleTimeout: 1s, h2UpgradePolicy: UPGRADE, useClientProtocol: true, maxConcurrentStreams: 1}
+                 idleTimeout: 1s, h2UpgradePolicy: UPGRADE, useClientProtocol: false, maxConcurrentStreams: 1}
         outlierDetection: {consecutive5xxErrors: 1}
         tls: {mode: DISABLE}
         tunnel: {targetHost: h, targetPort: 1}
-        proxyProtocol: {version: V2}
         retryBudget: {percent: 20}
         portLevelSettings:
         - port: {number: 80}
@@ -784,23 +883,19 @@ def test_destination_rule_unimplemented_fields_warn():
       - name: v1
         labels: {version: v1}
         trafficPolicy: {outlierDetection: {interval: 1s}}
-    """))
+    """), labels={"app": "x"})  # the workloadSelector selects this workload
     base = "spec.trafficPolicy"
     assert tails(s) == [
-        "spec.workloadSelector: " + NI,
-        f"{base}.loadBalancer.localityLbSetting: " + NI,
-        f"{base}.loadBalancer.warmupDurationSecs: " + NI,
-        f"{base}.connectionPool.tcp.tcpKeepalive: " + NI,
-        f"{base}.connectionPool.tcp.maxConnectionDuration: " + NI,
-        f"{base}.connectionPool.tcp.idleTimeout: " + NI,
-        f"{base}.connectionPool.http.h2UpgradePolicy: " + NI,
-        f"{base}.connectionPool.http.useClientProtocol: " + NI,
-        f"{base}.connectionPool.http.maxConcurrentStreams: " + NI,
-        f"{base}.portLevelSettings[0].loadBalancer.warmup: " + NI,
-        f"{base}.portLevelSettings[0].tls: " + NI,
-        f"{base}.tunnel: " + NI,
-        f"{base}.proxyProtocol: " + NI,
-        f"{base}.retryBudget: " + NI,
+        'spec.trafficPolicy.loadBalancer.zoneAwareLbSetting: not implemented yet; ignored',
+        'spec.trafficPolicy.connectionPool.tcp.tcpKeepalive: not implemented yet; ignored',
+        'spec.trafficPolicy.connectionPool.tcp.maxConnectionDuration: not implemented yet; ignored',
+        'spec.trafficPolicy.connectionPool.tcp.idleTimeout: not implemented yet; ignored',
+        'spec.trafficPolicy.connectionPool.http.h2UpgradePolicy: not implemented yet; ignored',
+        'spec.trafficPolicy.connectionPool.http.useClientProtocol: not implemented yet; ignored',
+        'spec.trafficPolicy.connectionPool.http.maxConcurrentStreams: not implemented yet; ignored',
+        'spec.trafficPolicy.portLevelSettings[0].loadBalancer.warmup: slow start applies to ROUND_ROBIN and LEAST_REQUEST only (Envoy); ignored',
+        'spec.trafficPolicy.tunnel: not implemented yet; ignored',
+        'spec.trafficPolicy.retryBudget: not implemented yet; ignored',
     ]
 
 
@@ -881,13 +976,26 @@ def test_endpoint_port_precedence_and_weight():
       endpoints:
       - {address: 10.0.0.1, ports: {http: 9000, admin: 9001}, weight: 3}
       - {address: 10.0.0.2, weight: 0}
-      - {address: "::1", ports: {other: 1}}
+      - {address: "::1"}
     """)
     c80 = s.clusters["outbound|80||svc"]
     assert [(e.address, e.port, e.weight, e.key) for e in c80.endpoints] == [
         ("10.0.0.1", 9000, 3, "10.0.0.1:9000"), ("10.0.0.2", 8080, 1, "10.0.0.2:8080"), ("::1", 8080, 1, "[::1]:8080")]
     assert eps(s.clusters["outbound|81||svc"]) == [("10.0.0.1", 9001), ("10.0.0.2", 81), ("::1", 81)]
     assert s.vhosts["svc"] is s.vhosts["svc:80"]
+    # Istio's validator: an endpoint port must name a service port
+    p = problems("""\
+    apiVersion: networking.istio.io/v1
+    kind: ServiceEntry
+    metadata: {name: se}
+    spec:
+      hosts: [svc]
+      ports: [{number: 80, name: http}]
+      resolution: STATIC
+      endpoints: [{address: "::1", ports: {other: 1}}]
+    """)
+    assert p == ["rules.yaml: ServiceEntry se: spec.endpoints[0].ports.other: endpoint port 1 is not defined by the "
+                 "service entry"]
 
 
 def test_bare_host_prefers_port_80_else_first_port():
@@ -1119,7 +1227,7 @@ def test_wildcard_destination_rule_and_merge():
     apiVersion: networking.istio.io/v1
     kind: ServiceEntry
     metadata: {name: se}
-    spec: {hosts: [a.example.com, b.example.com], ports: [{number: 80, name: http}], resolution: STATIC}
+    spec: {hosts: [a.example.com, b.example.com], ports: [{number: 80, name: http, protocol: HTTP}], resolution: STATIC}
     ---
     apiVersion: networking.istio.io/v1
     kind: DestinationRule
@@ -1192,19 +1300,20 @@ def test_destinations_weights_ports_and_missing_targets():
             (f"outbound|{port}||multi", 3), ("outbound|8080||multi", 1)]
         assert r[1].total_weight == 4 and r[1].timeout == 0.0
         assert [d.cluster for d in r[2].destinations] == [
-            f"outbound|{port}||ghost", "outbound|9000|nope|one", "outbound|1||one"]
+            f"outbound|{port}||ghost.default.svc.cluster.local", "outbound|9000|nope|one", "outbound|1||one"]
         assert r[2].total_weight == 150
         assert [d.cluster for d in r[3].destinations] == [f"outbound|{port}||multi"]
-    assert s.clusters["outbound|80||ghost"].endpoints == ()
+    assert s.clusters["outbound|80||ghost.default.svc.cluster.local"].endpoints == ()
     assert s.clusters["outbound|9000|nope|one"].endpoints == ()
     assert s.clusters["outbound|1||one"].endpoints == ()
     assert tails(s) == [
-        "spec.http[2].route[0].destination.host: host 'ghost' has no ServiceEntry; cluster outbound|80||ghost has no endpoints",
+        "spec.http[2].route[0].destination.host: host 'ghost.default.svc.cluster.local' has no ServiceEntry; "
+        "cluster outbound|80||ghost.default.svc.cluster.local has no endpoints",
         "spec.http[2].route[1].destination.subset: subset 'nope' is not defined by a DestinationRule for 'one'; "
         "cluster outbound|9000|nope|one has no endpoints",
         "spec.http[2].route[2].destination.port: service 'one' has no port 1; cluster outbound|1||one has no endpoints",
-        "spec.http[2].route[0].destination.host: host 'ghost' has no ServiceEntry; "
-        "cluster outbound|8080||ghost has no endpoints",
+        "spec.http[2].route[0].destination.host: host 'ghost.default.svc.cluster.local' has no ServiceEntry; "
+        "cluster outbound|8080||ghost.default.svc.cluster.local has no endpoints",
     ]
 
 
@@ -1229,7 +1338,7 @@ def test_wildcard_virtual_service_applies_to_service_hosts_exact_wins():
     apiVersion: networking.istio.io/v1
     kind: ServiceEntry
     metadata: {name: se}
-    spec: {hosts: [a.example.com, b.example.com], ports: [{number: 80, name: http}], resolution: STATIC}
+    spec: {hosts: [a.example.com, b.example.com], ports: [{number: 80, name: http, protocol: HTTP}], resolution: STATIC}
     ---
     apiVersion: networking.istio.io/v1
     kind: VirtualService
@@ -1292,7 +1401,8 @@ def test_dump_is_readable_json():
     d = orjson.loads(snapshot_to_json(s))
     assert d == snapshot_to_dict(s)
     vh = {v["name"]: v for v in d["virtual_hosts"]}
-    assert vh["split-service:80"]["domains"] == ["split-service", "split-service:80"]
+    assert vh["split-service:80"]["domains"] == sorted({"split-service", "split-service:80"}
+                                                       | kube_alt_names("split-service"))
     r = vh["split-service:80"]["routes"][0]
     assert r["match"] == [{"path": {"prefix": "/"}}]
     assert r["route"] == [{"cluster": "outbound|80|v1|split-service", "weight": 80},
@@ -1300,8 +1410,9 @@ def test_dump_is_readable_json():
     cl = {c["name"]: c for c in d["clusters"]}
     assert cl["outbound|80|v2|myweb-service"]["endpoints"][0] == {
         "address": "127.0.0.1", "port": 18084, "weight": 1, "labels": {"app": "myweb", "version": "v2"},
-        "key": "127.0.0.1:18084"}
+        "key": "127.0.0.1:18084", "locality": ""}
     assert cl["outbound|80|v2|myweb-service"]["lb_policy"] == "RANDOM"
+    assert (cl["outbound|80|v2|myweb-service"]["discovery"], cl["outbound|80|v2|myweb-service"]["tls"]) == ("STATIC", None)
     s2 = snap(with_se(vs_with_match('{name: m, uri: {regex: "/r+"}, ignoreUriCase: true, method: {exact: GET}, '
                                     'headers: {x: {}}, withoutHeaders: {y: {prefix: a}}, queryParams: {q: {exact: "1"}}}')
                       .replace("hosts: [a]", "hosts: [web]").replace("host: a}", "host: web}")))

@@ -13,6 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from meshcore.config.compile import compile_sources
+from meshcore.errors import ConfigError
 from meshcore.config.policy import RoutePolicy, Snapshot, VirtualHostPolicy, WeightedCluster
 from meshcore.routing.matchers import (
     Exact,
@@ -31,9 +32,10 @@ from meshcore.routing.table import RouteTable, find_route, find_vhost, pick_dest
 class Head:
     """Minimal request head: method, origin-form path, lowercase header lookup."""
 
-    def __init__(self, path=b"/", method=b"GET", headers=None):
+    def __init__(self, path=b"/", method=b"GET", headers=None, host=b"web"):
         self.method = method
         self.path = path
+        self.host = host
         self._h = {k.lower(): v for k, v in (headers or {}).items()}
 
     def get(self, name):
@@ -46,7 +48,7 @@ kind: ServiceEntry
 metadata: {name: web}
 spec:
   hosts: [web, api.example.com, x.api.example.com]
-  ports: [{number: 80, name: http}, {number: 8080, name: http-alt}]
+  ports: [{number: 80, name: http, protocol: HTTP}, {number: 8080, name: http-alt, protocol: HTTP}]
   resolution: STATIC
   endpoints: [{address: 10.0.0.1}]
 ---
@@ -82,7 +84,7 @@ def one(match_yaml: str) -> Snapshot:
 
 
 def routed(s: Snapshot, path=b"/", method=b"GET", headers=None, authority=b"web"):
-    r = find_route(s, authority, Head(path, method, headers))
+    r = find_route(s, authority, Head(path, method, headers, authority))
     return None if r is None else r.name
 
 
@@ -169,13 +171,22 @@ def test_header_exact_prefix_regex():
     assert not hit(s)
 
 
-@pytest.mark.parametrize("matcher", ["{}", '{regex: "*"}'])
-def test_header_presence(matcher):
-    s = one(f"[{{headers: {{x-present: {matcher}}}}}]")
+def test_header_presence():
+    s = one("[{headers: {x-present: {}}}]")
     assert hit(s, headers={b"x-present": b"anything"})
     assert hit(s, headers={b"x-present": b""})  # empty value counts as present
     assert not hit(s)
     assert not hit(s, headers={b"x-other": b"1"})
+
+
+def test_header_regex_star_is_rejected_as_istio_does():
+    # Istio translates `regex: "*"` to a presence match, but its validator compiles the regex
+    # (RE2 rejects a leading `*`) for `headers`; only `withoutHeaders` skips that check.
+    with pytest.raises(ConfigError) as ei:
+        one('[{headers: {x-present: {regex: "*"}}}]')
+    assert "spec.http[0].match[0].headers.x-present.regex: invalid regex '*'" in str(ei.value)
+    s = one('[{withoutHeaders: {x-present: {regex: "*"}}}]')
+    assert hit(s) and not hit(s, headers={b"x-present": b""})
 
 
 def test_header_names_are_lowercased():
@@ -231,10 +242,28 @@ def test_authority_match_uses_raw_authority():
     assert not hit(s, authority=b"web")
 
 
-def test_pseudo_header_keys_in_headers_are_ignored():
+def test_uri_scheme_method_authority_in_headers_are_plain_header_names():
+    # Current Istio passes every `headers` key to Envoy as a header name: `method` is a header
+    # called "method", not the request method (`:method` is the pseudo-header).
     s = one("[{headers: {method: {exact: POST}}}]")
-    assert hit(s, method=b"GET")
-    assert any("Istio ignores 'method' in headers" in w for w in s.warnings)
+    assert not hit(s, method=b"POST")
+    assert hit(s, method=b"GET", headers={b"method": b"POST"})
+    assert s.warnings == ()
+
+
+def test_pseudo_header_names_match_the_request_line_and_host():
+    s = one('[{headers: {":path": {prefix: "/a?"}, ":method": {exact: PUT}, ":authority": {exact: web}}}]')
+    assert hit(s, b"/a?x=1", method=b"PUT")
+    assert not hit(s, b"/a", method=b"PUT")  # :path includes the query
+    assert not hit(s, b"/a?x=1", method=b"GET")
+    s = one('[{withoutHeaders: {":method": {exact: GET}}}]')
+    assert hit(s, method=b"PUT") and not hit(s, method=b"GET")
+
+
+def test_scheme_match_is_http_on_a_plaintext_listener():
+    s = one("[{scheme: {exact: http}, uri: {prefix: /s}}, {scheme: {exact: https}}]")
+    assert hit(s, b"/s")
+    assert not hit(s, b"/other")
 
 
 # ================================================================================================
@@ -366,6 +395,7 @@ def test_wildcard_hosts():
     metadata: {name: star}
     spec:
       hosts: ["*"]
+      gateways: [mesh, edge-gateway]  # Istio allows `*` only with a gateway besides the mesh
       http: [{name: star, route: [{destination: {host: web}}]}]
     """)
     # service hosts: exact service vhosts, VirtualService chosen by most specific wildcard
