@@ -301,6 +301,7 @@ cdef object _UPE = _lr.UPSTREAM_PROTOCOL_ERROR
 cdef object _HTTP10 = _lr.HTTP10_REJECTED
 cdef object _INTERNAL = _lr.INTERNAL_ERROR
 cdef object _protocol_reply = _lr.downstream_protocol_error
+cdef object _upstream_request = None  # meshcore.routing.actions.upstream_request, loaded lazily
 cdef tuple DROP_SERVER = (b"server",)
 cdef bytes CONTINUE_100 = b"HTTP/1.1 100 Continue\r\n\r\n"
 
@@ -314,6 +315,7 @@ cdef enum:
     ST_BACKOFF = 5      # between attempts
     ST_RELAY = 6        # response streaming downstream
     ST_DONE = 7
+    ST_PARKED = 8       # the policy is awaiting something (a name to resolve); resume() goes on
 
 # timer kinds
 cdef enum:
@@ -871,6 +873,15 @@ cdef class Loop:
             spec.it_value.tv_nsec = 1
         timerfd_settime(self.tfd, TFD_TIMER_ABSTIME, &spec, NULL)
         self.tfd_armed = when
+
+    cdef void after_callback(self):
+        """Python called in from outside run_once (a parked request resumed): run what it
+        deferred and point the timerfd at any deadline it armed."""
+        try:
+            self.run_deferred()
+        except Exception:
+            pass
+        self.arm_timerfd()
 
     # -- deferred work --------------------------------------------------------------------
 
@@ -1599,10 +1610,12 @@ cdef class ClusterHandle:
             raise ValueError("attach_shm() the loop before building cluster handles")
         for i in range(self.n):
             address, port, key = endpoints[i]
-            info = _socket.getaddrinfo(address, port, type=_socket.SOCK_STREAM)[0]
+            info = _socket.getaddrinfo(address, port, type=_socket.SOCK_STREAM,
+                                       flags=_socket.AI_NUMERICHOST)[0]
             self.addr_lens[i] = _pack_addr(info[0], info[4][0], info[4][1], &self.addrs[i])
             self.keys.append(key if isinstance(key, bytes) else key.encode())
-            self.hosts[i] = loop.shm + <Py_ssize_t>host_offs[i]
+            # endpoints of a per-request cluster have no host rows: they read the cluster's
+            self.hosts[i] = loop.shm + <Py_ssize_t>(host_offs[i] if host_offs else cluster_off)
         self.stats = loop.shm + stats_off
         self.crow = loop.shm + cluster_off
         self.max_connections, self.max_pending, self.max_requests = limits
@@ -1898,6 +1911,8 @@ cdef class Stream(Handle):
     cdef public bint mirror           # call policy.mirror(stream) once the body is complete
     cdef public object abort_reply    # fault abort to answer after the fault delay
     cdef public str abort_flags
+    cdef public object request_edits  # a route destination with a rewrite or request header edits
+    cdef public object response_edits  # HeaderEdits for the upstream response's headers
     cdef public bytes response_extra  # header lines added to the upstream response
     cdef public str flags
     cdef public str details
@@ -2025,7 +2040,36 @@ cdef class Stream(Handle):
 
     def reply(self, reply, flags=None, bytes extra=b"", bint close=False):
         """Answer locally with a meshcore.local_reply.LocalReply (from decide or on_outcome)."""
+        cdef bint parked = self.state == ST_PARKED
+        if self.state == ST_DONE:
+            return
         self.finish_local(reply, close, extra, flags)
+        if parked:  # called from outside the loop's own pass
+            self.loop.after_callback()
+
+    def park(self):
+        """decide(): the decision needs to await something (a name to resolve). The request
+        waits; the policy calls forward() or reply() later, then resume()."""
+        self.state = ST_PARKED
+
+    def resume(self):
+        """Go on with a parked request after forward() (or nothing, after reply()). A request
+        whose client left meanwhile is over: nothing happens."""
+        if self.state != ST_PARKED:
+            return
+        self.state = ST_NEW
+        try:
+            if self.cluster is None:
+                self.finish_local(_NO_ROUTE, False, b"", None)
+            else:
+                self.proceed()
+        except Exception:
+            self.loop.contain(self)
+        self.loop.after_callback()
+
+    @property
+    def parked(self):
+        return self.state == ST_PARKED
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -2057,12 +2101,16 @@ cdef class Stream(Handle):
             loop.t_policy += mono() - t0
         else:
             loop.policy.decide(self)
-        if self.state == ST_DONE:
+        if self.state == ST_DONE or self.state == ST_PARKED:
             return 0
         if self.delay > 0 and self.abort_reply is not None:
             return self.arm_delay()  # a fault delay, then a fault abort
         if self.cluster is None:
             return self.finish_local(_NO_ROUTE, False, b"", None)
+        return self.proceed()
+
+    cdef int proceed(self) except -1:
+        """The policy chose where the request goes: build its head and start forwarding."""
         self.build_head()
         if self.ds.proto.want_continue():
             self.ds.proto.continue_sent = True
@@ -2090,6 +2138,8 @@ cdef class Stream(Handle):
         cdef int k
         cdef bytes path
         buf_clear(b)
+        if self.request_edits is not None:
+            return self.build_head_edited()
         buf_reserve(b, PyBytes_GET_SIZE(h._raw) + 256)
         buf_append(b, raw + h._ms, h._me - h._ms)
         buf_append(b, " ", 1)
@@ -2101,6 +2151,41 @@ cdef class Stream(Handle):
         buf_append(b, "\r\n", 2)
         fwd = h._forward(False, self.drop)
         buf_append(b, PyBytes_AS_STRING(fwd), PyBytes_GET_SIZE(fwd))
+        self.append_generated()
+        return self.append_framing()
+
+    cdef int build_head_edited(self) except -1:
+        """build_head for a destination with a rewrite or request header edits: the route
+        actions (meshcore.routing.actions.upstream_request) rewrite path, host and lines."""
+        global _upstream_request
+        cdef RequestHead h = self.head
+        cdef Buf* b = &self.head_base
+        cdef const char* raw = PyBytes_AS_STRING(h._raw)
+        cdef bytes block, path, host
+        if _upstream_request is None:
+            from meshcore.routing.actions import upstream_request
+            _upstream_request = upstream_request
+        buf_append(b, "x", 1)  # the generated lines go after a placeholder first line
+        self.append_generated()
+        block = h._forward(False, self.drop) + PyBytes_FromStringAndSize(buf_ptr(b) + 1,
+                                                                           buf_len(b) - 1)
+        path, host, block = _upstream_request(self.request_edits, h, block)
+        buf_clear(b)
+        buf_append(b, raw + h._ms, h._me - h._ms)
+        buf_append(b, " ", 1)
+        buf_append(b, PyBytes_AS_STRING(path), PyBytes_GET_SIZE(path))
+        buf_append(b, " HTTP/1.1\r\nhost: ", 17)
+        buf_append(b, PyBytes_AS_STRING(host), PyBytes_GET_SIZE(host))
+        buf_append(b, "\r\n", 2)
+        buf_append(b, PyBytes_AS_STRING(block), PyBytes_GET_SIZE(block))
+        return self.append_framing()
+
+    cdef int append_generated(self) except -1:
+        """x-request-id (kept or made), x-forwarded-proto, and x-forwarded-for when asked."""
+        cdef RequestHead h = self.head
+        cdef Buf* b = &self.head_base
+        cdef const char* raw = PyBytes_AS_STRING(h._raw)
+        cdef int k
         k = h.find("x-request-id", 12)
         if k >= 0:
             self.rid_p = raw + h._f[k].vs
@@ -2116,6 +2201,11 @@ cdef class Stream(Handle):
             buf_append(b, "x-forwarded-proto: http\r\n", 25)
         if self.loop.use_remote_address and self.ds is not None:
             self.append_xff()
+        return 0
+
+    cdef int append_framing(self) except -1:
+        cdef RequestHead h = self.head
+        cdef Buf* b = &self.head_base
         if self.body_kind == C_BODY_LENGTH:
             buf_append(b, "content-length: ", 16)
             buf_append_dec(b, self.body_len)
@@ -2469,6 +2559,8 @@ cdef class Stream(Handle):
         cdef bint keep
         cdef bytes fwd = rh._forward(True, DROP_SERVER)
         cdef bytes reason
+        if self.response_edits is not None:  # route/destination header edits, CORS
+            fwd = self.response_edits.apply(fwd)
         cdef const char* raw = PyBytes_AS_STRING(rh._raw)
         self.state = ST_RELAY
         self.status = rh._status
