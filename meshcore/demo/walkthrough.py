@@ -160,7 +160,8 @@ def _retry_crash(ctx, host, pods) -> Step:
     answers = Counter(f"{r.status} {r.text}" for r in replies)
     step.here = (f"{', '.join(f'{n} × {a}' for a, n in answers.items())} in "
                  f"{', '.join(f'{r.elapsed:.1f}' for r in replies)} s; "
-                 f"{_n(len(crashed), 'try', 'tries')} hung and the pod process died; restarts: "
+                 f"{_n(len(crashed), 'try', 'tries')} hung (the pod hangs 2 s, then its process "
+                 "exits); restarts: "
                  + ", ".join(f"{n} +{k}" for n, k in restarts.items()))
     step.details = ["pods (kubectl get pods -l app=retry):"] + [f"  {row}" for row in ctx.pods.table(pods)]
     if any(r.status != 200 or r.text != "{}" for r in replies):
