@@ -22,6 +22,7 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 from dataclasses import dataclass
 
 from meshcore.demo.scenarios import PodSpec
@@ -138,7 +139,14 @@ class LogPump:
         self._thread.join(5)
         for key in list(self._sel.get_map().values()):
             if key.data is not None:
+                key.data[4].close()
                 key.data[3].set()
+        with self._cond:
+            for pipe, _, _, done in self._pending:
+                pipe.close()
+                done.set()
+            self._pending = []
+            self._cond.notify_all()
         self._sel.close()
         os.close(self._wake_r)
         os.close(self._wake_w)
@@ -201,7 +209,7 @@ class PodProcess:
         self.generation = 0
         self.restarts = 0
         self.ready = threading.Event()
-        self.exits: list[tuple[int, int]] = []  # (generation, exit code)
+        self.output_done = threading.Event()  # the current process's output has all been read
         self.thread: threading.Thread | None = None
 
     def bind(self) -> None:
@@ -219,7 +227,6 @@ class PodSet:
     """The scenario's pods; `bind()`, then `start()`, and `stop()` when done."""
 
     def __init__(self, specs, ports: dict[str, int], pump: LogPump, host: str = "127.0.0.1"):
-        import uuid
         self.pump = pump
         self.host = host
         self.pods = {s.name: PodProcess(s, host, ports[s.name], str(uuid.uuid4())) for s in specs}
@@ -272,19 +279,16 @@ class PodSet:
                                         start_new_session=True, env=env)
             pod.sock.close()  # the pod holds it now: when the pod dies, its port refuses
             pod.sock = None
-        generation = pod.generation
-        done = self.pump.add(pod.proc.stdout, pod.spec.name, generation)
-        pod.eof = done
+        pod.output_done = self.pump.add(pod.proc.stdout, pod.spec.name, pod.generation)
 
     def _kubelet(self, pod: PodProcess) -> None:
         quick_crashes = 0
         while True:
             started = time.monotonic()
             code = pod.proc.wait()
-            pod.eof.wait(5)
+            pod.output_done.wait(5)  # its last lines come before the restart's
             if self._stopping.is_set():
                 return
-            pod.exits.append((pod.generation, code))
             quick_crashes = quick_crashes + 1 if time.monotonic() - started < RESTART_WINDOW_S else 1
             delay = 0.0 if quick_crashes <= 1 else min(BACKOFF_MAX_S, BACKOFF_FIRST_S * 2 ** (quick_crashes - 2))
             pod.restarts += 1

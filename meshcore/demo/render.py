@@ -32,8 +32,12 @@ def remap_ports(files, port_map: dict[int, int]) -> int:
     for _, docs in files:
         for doc in docs:
             kind, spec = doc.get("kind"), doc.get("spec") or {}
-            endpoints = spec.get("endpoints") or [] if kind == "ServiceEntry" else \
-                [spec] if kind == "WorkloadEntry" else []
+            if kind == "ServiceEntry":
+                endpoints = spec.get("endpoints") or []
+            elif kind == "WorkloadEntry":
+                endpoints = [spec]
+            else:
+                endpoints = []
             for ep in endpoints:
                 for name, port in list((ep.get("ports") or {}).items()):
                     if port in port_map and port_map[port] != port:
