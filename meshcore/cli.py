@@ -70,8 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser(
         "demo", help="the seed article's scenarios: pods, proxy and the article's commands",
         description="Without SCENARIO: list the scenarios. With one: start its pods (one process "
-                    "each, restarted when they crash), the proxy on the scenario's Istio YAML from "
-                    "examples/seed/, print the article's commands and stream the pods' logs until "
+                    "each, restarted when they crash), the proxy on the scenario's Istio YAML in "
+                    "examples/, print the article's commands and stream the pods' logs until "
                     "Ctrl-C. With --walkthrough: perform the article's steps and compare.")
     _add_demo_flags(demo)
     sub.add_parser("bench", help="benchmark against direct calls, Envoy, nginx and HAProxy (from a "

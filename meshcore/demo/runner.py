@@ -86,7 +86,7 @@ def run_demo(args) -> int:
     config = source
     if moved or shortened:
         tmp = tempfile.mkdtemp(prefix="meshcore-demo-")
-        config = os.path.join(tmp, scenario.folder)
+        config = os.path.join(tmp, os.path.basename(scenario.folder))
         render.write_folder(files, config)
     sidecar = Sidecar(config, args.listen, args.admin, args.workers, pump,
                       access_log=not args.no_access_log)
@@ -114,8 +114,8 @@ def _raise_interrupt(signum, frame):
 
 def _start(pods, sidecar, printer) -> bool:
     pods.start()
-    if not pods.wait_ready(30):
-        printer.say("meshcore demo: the pods did not start within 30 s")
+    if not pods.wait_ready(60):
+        printer.say("meshcore demo: the pods did not start within 60 s")
         return False
     sidecar.start()
     problem = sidecar.wait_ready()
@@ -181,7 +181,7 @@ def _walkthrough(args, scenario, source, shortened, pods, pump, sidecar, printer
     for part in scenario.parts:
         results[part] = steps = []
         printer.say("", f"== {part} ({scenario.hosts[part]})")
-        pods.wait_ready(30)
+        pods.wait_ready(60)
         for step in _run_steps(PART_STEPS[part], ctx):
             steps.append(step)
             printer.say(*_render_step(part, len(steps), step))

@@ -45,7 +45,7 @@ MYWEB_PODS = tuple(p.name for p in PODS if p.app == "myweb")
 class Scenario:
     name: str
     title: str                 # one line, for the scenario list
-    folder: str                # under examples/seed/
+    folder: str                # under examples/
     pods: tuple[str, ...]
     parts: tuple[str, ...]     # the article's scenarios it shows (`all`: every one)
     # the Host each part's requests carry: the article's service names; `all` puts each part in
@@ -56,32 +56,32 @@ class Scenario:
 PARTS = ("retry", "circuit-breaker", "lb-random", "lb-round-robin", "lb-header-hash", "mirror")
 SCENARIOS = {s.name: s for s in (
     Scenario("retry", "retries on other pods: 15 attempts, 1 s per try (busy and crash modes)",
-             "1-retry", RETRY_PODS, ("retry",), {"retry": "retry-service"}),
+             "seed/1-retry", RETRY_PODS, ("retry",), {"retry": "retry-service"}),
     Scenario("circuit-breaker", "outlier detection ejects failing pods; then 503 from the proxy",
-             "2-circuit-breaker", RETRY_PODS, ("circuit-breaker",),
+             "seed/2-circuit-breaker", RETRY_PODS, ("circuit-breaker",),
              {"circuit-breaker": "retry-service"}),
     Scenario("lb-random", "subset v1, RANDOM: answers from every v1 pod, never v2",
-             "3-lb-random", MYWEB_PODS, ("lb-random",), {"lb-random": "myweb-service"}),
+             "seed/3-lb-random", MYWEB_PODS, ("lb-random",), {"lb-random": "myweb-service"}),
     Scenario("lb-round-robin", "subset v1, ROUND_ROBIN: each worker walks the v1 pods in turn",
-             "3-lb-round-robin", MYWEB_PODS, ("lb-round-robin",), {"lb-round-robin": "myweb-service"}),
+             "seed/3-lb-round-robin", MYWEB_PODS, ("lb-round-robin",), {"lb-round-robin": "myweb-service"}),
     Scenario("lb-header-hash", "consistent hash on the User header: one user, one pod",
-             "3-lb-header-hash", MYWEB_PODS, ("lb-header-hash",), {"lb-header-hash": "myweb-service"}),
+             "seed/3-lb-header-hash", MYWEB_PODS, ("lb-header-hash",), {"lb-header-hash": "myweb-service"}),
     Scenario("mirror", "a copy of every request goes to the sniffer pod",
-             "4-mirror", RETRY_PODS + ("sniffer",), ("mirror",),
+             "seed/4-mirror", RETRY_PODS + ("sniffer",), ("mirror",),
              {"mirror": "retry-service", "sniffer": "sniffer"}),
     Scenario("all", "every scenario at once, one namespace each (Host: retry-service.retry, ...)",
-             "all", tuple(p.name for p in PODS), PARTS,
+             "seed-all", tuple(p.name for p in PODS), PARTS,
              {**{part: f"{'myweb' if part.startswith('lb-') else 'retry'}-service.{part}"
                  for part in PARTS}, "sniffer": "sniffer.mirror"}),
 )}
 
 
 def examples_root() -> str | None:
-    """examples/seed of the source checkout this package runs from, else of the current directory."""
+    """examples/ of the source checkout this package runs from, else of the current directory."""
     here = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     for root in (here, os.getcwd()):
-        path = os.path.join(root, "examples", "seed")
-        if os.path.isdir(path):
+        path = os.path.join(root, "examples")
+        if os.path.isdir(os.path.join(path, "seed")):
             return path
     return None
 
@@ -97,8 +97,8 @@ def listing() -> str:
     lines += [f"  {s.name:<{width}}  {s.title}" for s in SCENARIOS.values()]
     lines += ["",
               "demo SCENARIO starts the scenario's pods (one process each, restarted after a crash),",
-              "the proxy with examples/seed/<folder>/, prints the article's commands and streams the",
-              "pods' logs. --walkthrough runs the article's steps itself and compares."]
+              "the proxy with the scenario's folder in examples/, prints the article's commands and",
+              "streams the pods' logs. --walkthrough runs the article's steps itself and compares."]
     return "\n".join(lines)
 
 

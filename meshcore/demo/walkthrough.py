@@ -47,7 +47,8 @@ class Context:
 
     def pod_lines(self, mark: int, names=None) -> list:
         """Request lines the pods logged since `mark` (every pod line that is not a start line)."""
-        self.pump.sync()
+        if not self.pump.sync(timeout=15):
+            raise OSError("the pods' logs could not be read within 15 s")
         names = set(names or self.pods.pods)
         return [ln for ln in self.pump.since(mark) if ln.source in names and not ln.event
                 and (ACCESS_STATUS.search(ln.text) or ln.text.startswith("crash: GET")
@@ -186,24 +187,31 @@ def circuit_breaker_steps(ctx: Context):
                 "the first calls still end in 200 after retries; by then each pod has failed twice "
                 "in a row and is ejected")
     outcomes = []
-    opened = False
+    opened = None
+    enforced0 = ctx.stat("circuit-breaker", "outlier_detection.ejections_enforced_total")
     for _ in range(20):
         mark = ctx.pump.mark()
         r = ctx.proxy.get(path, host)
         tries = ctx.pod_lines(mark, pods)
         outcomes.append(f"{r.status} after {_n(len(tries), 'try', 'tries')}")
         if r.status == 503 and not tries:
-            opened = True
+            opened = r
             break
-    ejected = ctx.stat("circuit-breaker", "outlier_detection.ejections_active")
-    step.here = f"calls: {'; '.join(outcomes)}; /stats ejections_active {ejected}"
+    stats = ctx.proxy.stats()
+    ejected = stats.get(ctx.cluster("circuit-breaker") + "outlier_detection.ejections_active", 0)
+    enforced = stats.get(ctx.cluster("circuit-breaker") + "outlier_detection.ejections_enforced_total",
+                         0) - enforced0
+    step.here = (f"calls: {'; '.join(outcomes)}; /stats ejections_enforced_total +{enforced}, "
+                 f"ejections_active {ejected}")
     if len(outcomes) > 1 and outcomes[-2].startswith("503"):
         step.here += ("; the call that saw the last pod ejected ended in the proxy's 503, as "
                       "nothing healthy was left to retry on")
-    if not opened:
+    if opened is None:
         step.why = "no call was answered by the proxy alone in 20 calls"
-    elif ejected != len(pods):
-        step.why = f"{ejected} pods ejected; maxEjectionPercent 100 ejects all {len(pods)}"
+    elif opened.text != "no healthy upstream":
+        step.why = f"the proxy's 503 said {opened.text!r}, not 'no healthy upstream'"
+    elif enforced < len(pods):
+        step.why = f"{enforced} ejections; maxEjectionPercent 100 ejects all {len(pods)} pods"
     else:
         step.ok = True
     yield step

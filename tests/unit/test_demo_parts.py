@@ -19,11 +19,11 @@ from meshcore.demo.scenarios import (DEFAULT_POD_PORT_BASE, POD_BY_NAME, PODS, S
 from meshcore.demo.sidecar import Reply, parse_stats
 from meshcore.demo.walkthrough import PART_STEPS, Context
 
-SEED = examples_root()
+EXAMPLES = examples_root()
 
 
 def test_examples_are_found_from_the_checkout():
-    assert SEED and os.path.isdir(os.path.join(SEED, "1-retry"))
+    assert EXAMPLES and os.path.isdir(os.path.join(EXAMPLES, "seed", "1-retry"))
 
 
 @pytest.mark.parametrize("name", list(SCENARIOS))
@@ -32,7 +32,7 @@ def test_every_endpoint_of_a_scenario_is_one_of_its_pods(name):
     scenario = SCENARIOS[name]
     by_port = {DEFAULT_POD_PORT_BASE + p.offset: p for p in PODS}
     seen = set()
-    for _, docs in render.read_folder(os.path.join(SEED, scenario.folder)):
+    for _, docs in render.read_folder(os.path.join(EXAMPLES, scenario.folder)):
         for doc in docs:
             if doc["kind"] != "ServiceEntry":
                 continue
@@ -46,13 +46,13 @@ def test_every_endpoint_of_a_scenario_is_one_of_its_pods(name):
 @pytest.mark.parametrize("name", list(SCENARIOS))
 def test_every_scenario_compiles_and_serves_its_hosts(name):
     scenario = SCENARIOS[name]
-    snapshot = compile_sources(read_sources([os.path.join(SEED, scenario.folder)]))
+    snapshot = compile_sources(read_sources([os.path.join(EXAMPLES, scenario.folder)]))
     for host in scenario.hosts.values():
         assert host in snapshot.vhosts, (name, host)
 
 
 def test_the_single_scenario_folders_still_carry_the_articles_rules():
-    with open(os.path.join(SEED, "1-retry", "retry-vs.yaml")) as f:
+    with open(os.path.join(EXAMPLES, "seed", "1-retry", "retry-vs.yaml")) as f:
         vs = yaml.safe_load(f)
     assert vs["spec"]["http"][0]["retries"] == {"attempts": 15, "perTryTimeout": "1s",
                                                 "retryOn": "gateway-error,reset,5xx"}
@@ -83,7 +83,7 @@ def test_listing_and_commands_name_every_scenario_and_the_chosen_ports():
 
 
 def _folder(name):
-    return render.read_folder(os.path.join(SEED, SCENARIOS[name].folder))
+    return render.read_folder(os.path.join(EXAMPLES, SCENARIOS[name].folder))
 
 
 def test_remap_ports_moves_only_the_mapped_endpoint_ports(tmp_path):
@@ -301,3 +301,13 @@ def test_mirror_differs_when_a_copy_is_missing(monkeypatch):
 
     (step,) = _run("mirror", mirrored, RETRY + ["sniffer"])
     assert not step.ok and "20 copies for 21 requests" in step.why
+
+
+def test_circuit_breaker_differs_when_the_proxy_never_stops_calling_the_pods():
+    def never_ejects(path, host, headers, n):
+        return 200, "{}", "retry-backend-a", [("retry-backend-b", 503), ("retry-backend-a", 200)]
+
+    opened, fast, recovered = _run("circuit-breaker", never_ejects, RETRY)
+    assert not opened.ok and "no call was answered by the proxy alone" in opened.why
+    assert not fast.ok and "no call made while all pods were ejected" in fast.why
+    assert recovered.ok  # nothing was ejected, so traffic reaches the pods at once
