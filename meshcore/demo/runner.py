@@ -51,6 +51,10 @@ def _rel(path: str) -> str:
 
 def run_demo(args) -> int:
     if args.scenario is None:
+        if args.walkthrough:
+            print("meshcore demo: --walkthrough needs a SCENARIO (one of: "
+                  f"{', '.join(SCENARIOS)})", file=sys.stderr)
+            return 2
         print(listing())
         return 0
     scenario = SCENARIOS[args.scenario]
