@@ -395,8 +395,9 @@ def _context_lines(data: dict) -> list[tuple[str, str]]:
         ("machine", f"{m['cpu_model']}, {m['cores']} cores ({m['cores_usable']} usable), kernel "
                     f"{m['kernel']}, {m.get('os') or '?'}, {m.get('memory_gb')} GB"
                     + (f", {m['virtualization']}" if m.get("virtualization") else "")),
-        ("versions", ", ".join(f"{k} {val}" for k, val in v.items() if val)),
-        ("not installed", ", ".join(k for k, val in v.items() if not val) or "–"),
+        ("versions", ", ".join(f"{k} {val}" for k, val in v.items() if val and k != "extensions")),
+        ("meshcore", v.get("extensions") or "compiled extensions: not recorded"),
+        ("not installed", ", ".join(k for k, val in v.items() if not val and k != "extensions") or "–"),
         ("backend", f"{data['backend']['kind']}: {data['backend']['note']}"),
         ("generator", data["generator"]["builtin"]
          + (f"; {data['generator']['wrk']}" if data["generator"]["wrk"] else "")),
@@ -425,8 +426,19 @@ def _commands(data: dict) -> list[str]:
     return cmds
 
 
+def smoke_note(data: dict) -> str | None:
+    """The warning a --quick run's outputs carry: its numbers only show that the bench runs."""
+    opts = data.get("options") or {}
+    if not opts.get("quick"):
+        return None
+    return (f"SMOKE RUN (--quick: {opts.get('duration', 0):g} s per point, {opts.get('rounds', 1)} "
+            "round): checks that the bench works, not a measurement")
+
+
 def render_text(data: dict) -> str:
     parts = [f"meshcore bench ({data['mode']}) — {data['started']} → {data['finished']}"]
+    if smoke_note(data):
+        parts.append(f"  {smoke_note(data)}")
     parts += [f"  {k:<13} {v}" for k, v in _context_lines(data)]
     for note in data["notes"]:
         parts.append(f"  note: {note}")
@@ -438,6 +450,8 @@ def render_text(data: dict) -> str:
 
 def render_markdown(data: dict) -> str:
     parts = [f"## meshcore bench ({data['mode']}), {data['started']}", ""]
+    if smoke_note(data):
+        parts += [f"**{smoke_note(data)}**", ""]
     parts += [f"- **{k}**: {v}" for k, v in _context_lines(data)]
     parts += [f"- note: {n}" for n in data["notes"]]
     for tb in tables(data):
@@ -480,15 +494,22 @@ def make_plots(data: dict, out_dir: str) -> list[str]:
                     if not s or not s.get("n"):
                         continue
                     ys = [s["latency_us"].get(p) for p in ALL_PCTS]
-                    ax.plot(xs, ys, marker="o", ms=3, label=t)
+                    # at a fraction of each target's own maximum every line has its own rate
+                    label = f"{t} at {s['rate']:,.0f} rps" if sc.get("frac") and s.get("rate") else t
+                    ax.plot(xs, ys, marker="o", ms=3, label=label)
                 ax.set_yscale("log")
                 ax.set_xticks(xs, ALL_PCTS, fontsize=7)
-                ax.set_title(sc["label"], fontsize=9)
+                ax.set_title(sc["label"] + (": each target at its own rate" if sc.get("frac") else
+                                            ": the same rate for every target"), fontsize=9)
                 ax.set_ylabel("latency µs", fontsize=8)
                 ax.grid(True, which="both", alpha=0.3)
                 ax.legend(fontsize=7)
-        fig.suptitle(f"Latency by percentile, open loop ({data['generator']['builtin_name']}, "
-                     "from scheduled send)", fontsize=10)
+        title = (f"Latency by percentile, open loop ({data['generator']['builtin_name']}, "
+                 "from scheduled send)")
+        smoke = smoke_note(data)
+        if smoke:
+            title = f"{smoke}\n{title}"
+        fig.suptitle(title, fontsize=10, color="darkred" if smoke else "black")
         fig.tight_layout()
         path = os.path.join(out_dir, "latency_percentiles.png")
         fig.savefig(path, dpi=110)

@@ -70,15 +70,28 @@ def meshcore_version() -> str | None:
         return None
 
 
+def meshcore_extensions() -> str | None:
+    """Whether meshcore's compiled extensions load here, as `meshcore --version` says it. The
+    targets run with this interpreter and environment, so this is what they load too."""
+    try:
+        from meshcore.buildinfo import extensions_summary
+        return extensions_summary()
+    except Exception:  # noqa: BLE001 - report, never fail the bench over a header line
+        return None
+
+
 def versions(tools: dict[str, str | None]) -> dict:
     """tools: name -> executable path (None when not installed)."""
     out = {"python": sys.version.split()[0] + f" ({sys.executable})",
-           "meshcore": meshcore_version()}
-    for mod in ("trio", "Cython"):
-        try:
-            out[mod.lower()] = __import__(mod).__version__
-        except Exception:  # noqa: BLE001
-            out[mod.lower()] = None
+           "meshcore": meshcore_version(), "extensions": meshcore_extensions()}
+    try:
+        out["trio"] = __import__("trio").__version__
+    except Exception:  # noqa: BLE001
+        out["trio"] = None
+    try:  # only needed to build the extensions (pip builds them in an isolated environment)
+        out["cython"] = __import__("Cython").__version__
+    except Exception:  # noqa: BLE001
+        pass
     probes = {
         "envoy": ["--version"], "nginx": ["-v"], "haproxy": ["-v"], "wrk": ["-v"],
         "gcc": ["--version"],

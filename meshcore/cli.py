@@ -1,7 +1,5 @@
-"""Command line: `python -m meshcore run|check|demo|top`.
-
-The flag names of `run` (--config, --listen, --admin, --workers) are a fixed interface.
-"""
+"""Command line: `python -m meshcore run|check|demo|bench|replay|top` (also installed as
+`meshcore`)."""
 from __future__ import annotations
 
 import argparse
@@ -9,6 +7,12 @@ import os
 import sys
 
 from meshcore import __version__
+
+DESCRIPTION = ("An HTTP/1.1 sidecar proxy that reads Istio YAML (ServiceEntry, WorkloadEntry, "
+               "VirtualService, DestinationRule) and behaves as Istio's Envoy sidecar does.")
+EPILOG = ("Try the seed article's scenarios: `python -m meshcore demo` lists them, "
+          "`python -m meshcore demo retry --walkthrough` runs one. Each subcommand has its own --help.")
+DEFAULT_WORKERS = max(1, min(os.cpu_count() or 1, 2))
 
 
 def _hostport(text: str):
@@ -24,37 +28,6 @@ def _optional_hostport(text: str):
     if text.strip().lower() in ("off", "none", "disabled", ""):
         return None
     return _hostport(text)
-
-
-def _positive_int(text: str) -> int:
-    if not text.isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return int(text)
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="meshcore", description=__doc__)
-    parser.add_argument("--version", action="version", version=f"meshcore {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True)
-
-    run = sub.add_parser("run", help="run the proxy")
-    _add_run_flags(run)
-
-    check = sub.add_parser("check", help="validate config files; exit non-zero on any error")
-    check.add_argument("paths", nargs="+", metavar="FILE", help="YAML/JSON file or directory")
-    check.add_argument("--strict", action="store_true",
-                       help="treat every warning as an error, for CI (default: warnings only print)")
-    _add_workload_flags(check)
-
-    demo = sub.add_parser("demo", help="start the demo backends and the proxy on examples/demo")
-    _add_run_flags(demo, config_required=False)
-    sub.add_parser("bench", help="run the benchmark suite in bench/ (from a source checkout)",
-                   add_help=False)
-    sub.add_parser("replay", help="replay a capture file: replay FILE --to HOST:PORT [--rate R]",
-                   add_help=False)
-    sub.add_parser("top", help="live per-cluster and per-endpoint view of a running proxy: "
-                   "top [--admin HOST:PORT] (default 127.0.0.1:15000)", add_help=False)
-    return parser
 
 
 def _positive_float(text: str) -> float:
@@ -77,7 +50,72 @@ def _labels(text: str) -> dict:
     return out
 
 
-def _add_workload_flags(p):
+def _positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return int(text)
+
+
+def _port_base(text: str) -> int:
+    if not text.isdigit() or not (int(text) == 0 or 1 <= int(text) <= 65535 - 19):
+        raise argparse.ArgumentTypeError(f"expected 0 or a port number up to 65516, got {text!r}")
+    return int(text)
+
+
+class _VersionAction(argparse.Action):
+    """`--version`: the version and whether the compiled extensions load (checked only when asked)."""
+
+    def __init__(self, option_strings, dest, **kwargs):
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        from meshcore.buildinfo import version_line
+        print(version_line())
+        parser.exit()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="meshcore", description=DESCRIPTION, epilog=EPILOG)
+    parser.add_argument("--version", action=_VersionAction,
+                        help="print the version and whether the compiled extensions are loaded, "
+                             "then exit")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = sub.add_parser("run", help="run the proxy on Istio YAML",
+                         description="Run the proxy: N worker processes on one listen address, "
+                                     "reading Istio YAML; reloads when the files change or on SIGHUP.")
+    _add_run_flags(run)
+
+    check = sub.add_parser("check", help="validate config files; exit 1 on any error",
+                           description="Validate Istio YAML as `run` would load it; print errors "
+                                       "(naming file, document and field), warnings and notes.")
+    check.add_argument("paths", nargs="+", metavar="FILE",
+                       help="YAML/JSON file or directory of them (required)")
+    check.add_argument("--workers", type=_positive_int, default=DEFAULT_WORKERS, metavar="N",
+                       help="the worker count you will run with, for notes that depend on it "
+                            f"(default: min(cores, 2) = {DEFAULT_WORKERS} here)")
+    check.add_argument("--strict", action="store_true",
+                       help="treat every warning as an error, for CI (default: warnings only "
+                            "print)")
+    _add_workload_flags(check)
+
+    demo = sub.add_parser(
+        "demo", help="the seed article's scenarios: pods, proxy and the article's commands",
+        description="Without SCENARIO: list the scenarios. With one: start its pods (one process "
+                    "each, restarted when they crash), the proxy on the scenario's Istio YAML in "
+                    "examples/, print the article's commands and stream the pods' logs until "
+                    "Ctrl-C. With --walkthrough: perform the article's steps and compare.")
+    _add_demo_flags(demo)
+    sub.add_parser("bench", help="benchmark against direct calls, Envoy, nginx and HAProxy (from a "
+                                 "source checkout; `bench --help` lists its flags)", add_help=False)
+    sub.add_parser("replay", help="send the requests of a capture file again (`replay --help` "
+                                  "lists its flags)", add_help=False)
+    sub.add_parser("top", help="live per-cluster and per-endpoint view of a running proxy "
+                               "(`top --help` lists its flags)", add_help=False)
+    return parser
+
+
+def _add_workload_flags(p) -> None:
     """Who this proxy is, as Istio knows a sidecar: namespace, pod labels, locality."""
     p.add_argument("--namespace", default=os.environ.get("POD_NAMESPACE") or "default",
                    metavar="NS",
@@ -96,23 +134,24 @@ def _workload_options(args) -> dict:
     return {"namespace": args.namespace, "labels": args.labels, "locality": args.locality}
 
 
-def _add_run_flags(p, config_required=True):
-    p.add_argument("--config", action="append", required=config_required, default=None,
-                   metavar="FILE", help="YAML/JSON file or directory (repeatable)")
-    p.add_argument("--listen", type=_hostport, default=("127.0.0.1", 15001), metavar="HOST:PORT")
-    p.add_argument("--admin", type=_hostport, default=("127.0.0.1", 15000), metavar="HOST:PORT")
-    p.add_argument("--workers", type=_positive_int, default=max(1, min(os.cpu_count() or 1, 2)))
-    p.add_argument("--no-access-log", action="store_true", help="turn the access log off")
+def _add_run_flags(p) -> None:
+    p.add_argument("--config", action="append", required=True, default=None, metavar="FILE",
+                   help="Istio YAML/JSON file or directory of them; repeatable (required)")
+    _add_address_flags(p)
+    p.add_argument("--no-access-log", action="store_true",
+                   help="turn the access log off (default: on, Istio's text format on stdout)")
     p.add_argument("--drain-grace", type=float, default=5.0, metavar="SECONDS",
-                   help="how long in-flight requests may finish after SIGTERM")
-    p.add_argument("--no-watch", action="store_true", help="do not reload when config files change")
+                   help="how long in-flight requests may finish after SIGTERM (default 5)")
+    p.add_argument("--no-watch", action="store_true",
+                   help="do not reload when config files change (default: reload; SIGHUP always "
+                        "reloads)")
     p.add_argument("--use-remote-address", action="store_true",
-                   help="append the peer to x-forwarded-for (Envoy use_remote_address; Istio "
-                        "sidecars leave it off)")
+                   help="append the peer to x-forwarded-for, as a gateway does (default: off, as in "
+                        "Istio sidecars)")
     p.add_argument("--request-headers-timeout", type=float, default=10.0, metavar="SECONDS",
-                   help="408 and close when a request head takes longer (slowloris defence)")
+                   help="answer 408 and close when a request head takes longer (default 10)")
     p.add_argument("--admin-unsafe", action="store_true",
-                   help="allow a non-loopback admin address")
+                   help="allow a non-loopback admin address (default: loopback only)")
     p.add_argument("--dns-refresh-rate", type=_positive_float, default=60.0, metavar="SECONDS",
                    help="re-resolve resolution: DNS names this often; a failed lookup keeps the "
                         "last good addresses (default: 60, Istio's)")
@@ -120,7 +159,7 @@ def _add_run_flags(p, config_required=True):
     _add_observability_flags(p)
 
 
-def _add_observability_flags(p):
+def _add_observability_flags(p) -> None:
     p.add_argument("--prometheus", type=_optional_hostport, default=("0.0.0.0", 15090),
                    metavar="HOST:PORT|off",
                    help="serve GET /stats/prometheus here (Istio's merged metrics port); 'off' "
@@ -141,8 +180,53 @@ def _add_observability_flags(p):
                    help="access log file, appended to (default /dev/stdout)")
     p.add_argument("--access-log-format", default=None, metavar="FORMAT",
                    help="access log format from Envoy command operators, e.g. "
-                        "'%%START_TIME% %%RESPONSE_CODE%%\n' (default: Istio's text format; with "
+                        "'%%START_TIME%% %%RESPONSE_CODE%%' (default: Istio's text format; with "
                         "json encoding, Istio's JSON fields)")
+
+
+def _add_address_flags(p) -> None:
+    p.add_argument("--listen", type=_hostport, default=("127.0.0.1", 15001), metavar="HOST:PORT",
+                   help="where the proxy listens; each worker binds it with SO_REUSEPORT "
+                        "(default 127.0.0.1:15001)")
+    p.add_argument("--admin", type=_hostport, default=("127.0.0.1", 15000), metavar="HOST:PORT",
+                   help="admin address (Envoy's admin endpoints; /help lists them) "
+                        "(default 127.0.0.1:15000)")
+    p.add_argument("--workers", type=_positive_int, default=DEFAULT_WORKERS, metavar="N",
+                   help=f"worker processes (default: min(cores, 2) = {DEFAULT_WORKERS} here)")
+
+
+def _add_demo_flags(p) -> None:
+    from meshcore.demo.scenarios import DEFAULT_POD_PORT_BASE, SCENARIOS
+    p.add_argument("scenario", nargs="?", choices=list(SCENARIOS), metavar="SCENARIO",
+                   help=f"one of: {', '.join(SCENARIOS)} (default: list them)")
+    p.add_argument("--walkthrough", action="store_true",
+                   help="perform the article's steps, print them next to what the article reports, "
+                        "exit 0 if all match and 1 if not (default: run until Ctrl-C)")
+    _add_address_flags(p)
+    p.add_argument("--pod-port-base", type=_port_base, default=DEFAULT_POD_PORT_BASE, metavar="N",
+                   help="pods listen on N+1..N+6 (myweb), N+11..N+13 (retry-backend) and N+19 "
+                        f"(sniffer); 0 picks free ports (default {DEFAULT_POD_PORT_BASE}, the "
+                        "ports in examples/seed)")
+    p.add_argument("--no-access-log", action="store_true",
+                   help="do not stream the proxy's access log (default: streamed as [sidecar] "
+                        "lines)")
+
+
+def round_robin_notes(snapshot, workers: int) -> list[str]:
+    """Why ROUND_ROBIN seems to skip or repeat pods when more than one worker serves."""
+    from meshcore.config.policy import LB_ROUND_ROBIN
+    names = sorted(c.service_host + (f" subset {c.subset}" if c.subset else "")
+                   for c in snapshot.clusters.values()
+                   if c.lb == LB_ROUND_ROBIN and c.ring_config is None and len(c.endpoints) > 1)
+    if workers < 2 or not names:
+        return []
+    import textwrap
+    return textwrap.wrap(f"note: ROUND_ROBIN with {workers} workers ({', '.join(names)}): each worker keeps its "
+            "own cursor, as each Envoy worker thread has its own load balancer. Requests on one "
+            "connection take the endpoints strictly in turn; requests on new connections land on "
+            "either worker, so the turns interleave (a pod may repeat) while the counts per "
+            f"endpoint stay within {workers} of each other.", width=100, subsequent_indent="  ",
+                         break_on_hyphens=False)
 
 
 def cmd_check(args) -> int:
@@ -163,6 +247,8 @@ def cmd_check(args) -> int:
         return 1
     for warning in snapshot.warnings:
         print(f"warning: {warning}", file=sys.stderr)
+    for note in round_robin_notes(snapshot, args.workers):
+        print(note)
     print(f"ok: {len(snapshot.vhosts)} virtual host names, {len(snapshot.clusters)} clusters, "
           f"{len(snapshot.warnings)} warning(s)")
     return 0
@@ -248,3 +334,6 @@ def main(argv=None) -> int:
         from meshcore.demo import run_demo
         return run_demo(args)
     return 2
+
+
+__all__ = ["__version__", "build_parser", "main", "round_robin_notes"]

@@ -204,17 +204,17 @@ def _parse_args(argv):
 
     p = argparse.ArgumentParser(prog="meshcore replay",
                                 description="Replay requests recorded by the capture sink.")
-    p.add_argument("files", nargs="+", metavar="FILE", help="capture file(s), replayed in order")
+    p.add_argument("files", nargs="+", metavar="FILE", help="capture file(s), replayed in order (required)")
     p.add_argument("--to", required=True, type=hostport, metavar="HOST:PORT",
-                   help="where to send the requests")
+                   help="where to send the requests (required)")
     p.add_argument("--rate", type=rate, default=None, metavar="R",
                    help="requests per second (default: as fast as possible, sequential)")
     p.add_argument("--host-override", default=None, metavar="H",
-                   help="replace the Host header value")
+                   help="replace the Host header value (default: the recorded Host)")
     p.add_argument("--rotated", action="store_true",
-                   help="replay each FILE's rotated siblings first (FILE.N ... FILE.1, FILE)")
+                   help="replay each FILE's rotated siblings first (FILE.N ... FILE.1, FILE; default: FILE only)")
     p.add_argument("--timeout", type=rate, default=10.0, metavar="SECONDS",
-                   help="per-request socket timeout (default 10)")
+                   help="per-request socket timeout in seconds (default 10)")
     return p.parse_args(argv)
 
 

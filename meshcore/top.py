@@ -185,7 +185,7 @@ def render(cur: Snapshot, prev: Snapshot | None = None, pattern: str | None = No
     return "\n".join(lines) + "\n"
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="meshcore top", description=__doc__.split("\n")[0])
     p.add_argument("--admin", default="127.0.0.1:15000", metavar="HOST:PORT",
                    help="admin address of the proxy to watch (default 127.0.0.1:15000)")
@@ -195,6 +195,11 @@ def main(argv=None) -> int:
                    help="stop after N frames (default 0: until Ctrl-C)")
     p.add_argument("--filter", default=None, metavar="REGEX",
                    help="show only clusters whose name matches (default: all)")
+    return p
+
+
+def main(argv=None) -> int:
+    p = build_parser()
     args = p.parse_args(argv)
     if args.filter:
         try:
