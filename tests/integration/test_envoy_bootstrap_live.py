@@ -302,6 +302,19 @@ def test_envoy_accepts_the_generated_bootstrap(tmp_path, name):
         _validate(path)
 
 
+def test_envoy_accepts_the_bench_bootstrap_for_every_matrix_variant(tmp_path):
+    """bench/targets.py's Envoy takes the same YAML as meshcore, matrix variants included."""
+    sys.path.insert(0, REPO)
+    from bench import cli as bench_cli, targets
+
+    for name, spec in bench_cli.load_matrix(None).items():
+        ports = list(range(20001, 20001 + int(spec.get("endpoints", 1))))
+        log = str(tmp_path / "access.log") if spec.get("access_log") else None
+        text = targets.envoy_bootstrap(free_port(), free_port(), ports,
+                                       bench_cli.variant_yaml(name, spec), log)
+        _validate(_write(tmp_path, f"{name}.yaml", text))
+
+
 def test_envoy_refuses_a_broken_bootstrap(tmp_path):
     """The validation above can fail: Envoy rejects a bootstrap with an unknown field."""
     boot = _generate([_write(tmp_path, "mesh.yaml", bare_service_entry(18001))], 15001, 15000)
