@@ -17,8 +17,9 @@ YAML, so Envoy gets meshcore's interpretation of every field (semantics.md §1, 
 - One route configuration for every service port (meshcore serves them all on one listener):
   a virtual host per meshcore virtual host, named `host:port`, with domains `host:port` and the
   bare `host` where meshcore maps it there, `include_request_attempt_count: true` (§3.5).
-- Routes in order, one Envoy route per OR-ed match entry (§1.2), route timeout (`0s` = none),
-  retry policy, fault (per-route `typed_per_filter_config`), mirrors, hash policies.
+- Routes in order, one Envoy route per OR-ed match entry (§1.2), route timeout (`0s` = none) and
+  `max_grpc_timeout` as Istio writes it, retry policy, fault (per-route
+  `typed_per_filter_config`), mirrors, hash policies.
 - One STATIC cluster per meshcore cluster: endpoints with weights, LB policy, connect timeout,
   circuit breakers (Istio always writes them, 2^32-1 when unset, §2.2), HTTP protocol options
   (idle timeout, max requests per connection), outlier detection and panic threshold (§2.19),
@@ -26,8 +27,11 @@ YAML, so Envoy gets meshcore's interpretation of every field (semantics.md §1, 
 - With `access_log`, a file access log in Istio's default text format (§10.2).
 
 Known differences in behaviour (Istio's defaults kept, since the Envoy side stands for a real
-Istio sidecar): meshcore does not normalise paths, does not forward websocket upgrades and
-answers `Expect: 100-continue` itself; Envoy here does all three as Istio configures it.
+Istio sidecar): meshcore does not normalise paths, does not forward websocket upgrades, answers
+`Expect: 100-continue` itself and ignores `grpc-timeout` on gRPC(-web) requests; Envoy here does
+all four as Istio configures it. One listener serves every service port (Istio has one per
+port), so a request for `host:<port without a virtual host>` gets 404 from Envoy, where meshcore
+falls back to the bare host's virtual host.
 
 What cannot be expressed, or what meshcore does not implement (so that Envoy would behave
 differently from meshcore on the same YAML), raises ValueError naming the config field: compile
@@ -306,6 +310,9 @@ def _route_action(r: RoutePolicy, clusters: dict, what: str) -> dict:
         out["weighted_clusters"] = {"clusters": [{"name": d.cluster, "weight": d.weight}
                                                  for d in r.destinations]}
     out["timeout"] = _duration(r.timeout, f"{what}.timeout")  # 0s: no timeout (§1.16)
+    # Istio copies the timeout here (the deprecated field, still what it writes, §1.17): a gRPC
+    # request's grpc-timeout header then applies, capped by it (0s: uncapped)
+    out["max_grpc_timeout"] = out["timeout"]
     if r.retry is not None:
         out["retry_policy"] = _retry_policy(r.retry, f"{what}.retries")
     if r.mirrors:

@@ -131,7 +131,7 @@ def test_bare_service_entry_default_route_has_istio_default_retry_and_no_timeout
     assert r["name"] == "default" and r["match"] == {"prefix": "/"}
     a = r["route"]
     assert a["cluster"] == "outbound|80||svc.local"
-    assert a["timeout"] == "0s"
+    assert a["timeout"] == "0s" and a["max_grpc_timeout"] == "0s"
     rp = a["retry_policy"]
     assert set(rp["retry_on"].split(",")) == {"connect-failure", "refused-stream", "unavailable",
                                               "cancelled", "retriable-status-codes"}
@@ -196,7 +196,7 @@ def test_istio_realistic_route():
     (r,) = routes(b)
     assert r["name"] == "vs"
     a = r["route"]
-    assert a["timeout"] == "3s"
+    assert a["timeout"] == "3s" and a["max_grpc_timeout"] == "3s"
     rp = a["retry_policy"]
     assert rp["retry_on"].split(",") == ["5xx", "connect-failure", "retriable-status-codes", "reset"]
     assert rp["num_retries"] == 2
