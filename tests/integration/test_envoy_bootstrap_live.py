@@ -27,6 +27,8 @@ from harness import Client, Pods, free_port, wait_port
 from meshcore.config.compile import compile_sources
 from meshcore.config.envoy_bootstrap import envoy_bootstrap
 from meshcore.config.load import read_sources
+from meshcore.proto.h1_parse import parse_request
+from meshcore.routing.table import find_route
 
 ENVOY = shutil.which("envoy") or shutil.which("envoy", path=os.path.dirname(sys.executable))
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -331,6 +333,114 @@ def test_envoy_refuses_a_broken_bootstrap(tmp_path):
 # requests through a started Envoy reach the backends the config names
 
 
+def matching_mesh(ports) -> str:
+    """One service whose routes each lead to their own pod (subset r<i> = endpoint i)."""
+    eps = "\n".join(f"  - {{address: 127.0.0.1, ports: {{http: {p}}}, labels: {{r: \"{i}\"}}}}"
+                    for i, p in enumerate(ports))
+    subsets = ", ".join(f"{{name: r{i}, labels: {{r: \"{i}\"}}}}" for i in range(len(ports)))
+
+    def to(i):
+        return f"route: [{{destination: {{host: match-service, subset: r{i}}}}}]"
+
+    return f"""
+apiVersion: networking.istio.io/v1beta1
+kind: ServiceEntry
+metadata: {{name: match}}
+spec:
+  hosts: [match-service]
+  ports: [{{number: 80, name: http, protocol: HTTP}}]
+  resolution: STATIC
+  endpoints:
+{eps}
+---
+apiVersion: networking.istio.io/v1beta1
+kind: DestinationRule
+metadata: {{name: match}}
+spec:
+  host: match-service
+  subsets: [{subsets}]
+---
+apiVersion: networking.istio.io/v1beta1
+kind: VirtualService
+metadata: {{name: match}}
+spec:
+  hosts: [match-service]
+  http:
+  - match: [{{uri: {{exact: /exact}}}}, {{uri: {{prefix: /Pre}}, ignoreUriCase: true}}]
+    {to(0)}
+  - match: [{{uri: {{regex: "/re+x"}}, method: {{exact: POST}}}}]
+    {to(1)}
+  - match:
+    - headers: {{x-a: {{exact: "1"}}, x-b: {{prefix: p}}, x-c: {{regex: "c+"}}}}
+      withoutHeaders: {{x-e: {{exact: "no"}}}}
+    {to(2)}
+  - match:
+    - queryParams: {{q: {{exact: "1"}}, r: {{}}}}
+      withoutHeaders: {{x-f: {{}}}}
+    {to(3)}
+  - match: [{{authority: {{exact: "match-service:80"}}, uri: {{prefix: /auth}}}}]
+    {to(4)}
+"""
+
+
+# (method, path, extra header lines) sent to match-service; meshcore's own route lookup on the
+# same bytes says which pod must answer (or 404 when no route matches)
+MATCH_REQUESTS = [
+    ("GET", "/exact", ""), ("GET", "/exact?x=1", ""), ("GET", "/exact/", ""), ("GET", "/EXACT", ""),
+    ("GET", "/pre", ""), ("GET", "/PREfix/x", ""), ("GET", "/pr", ""),
+    ("POST", "/reeex", ""), ("POST", "/reeex?z=1", ""), ("GET", "/reeex", ""), ("POST", "/rex/more", ""),
+    ("POST", "/xreex", ""),
+    ("GET", "/h", "x-a: 1\r\nx-b: pq\r\nx-c: ccc\r\n"),
+    ("GET", "/h", "x-a: 1\r\nx-b: pq\r\nx-c: ccc\r\nx-e: no\r\n"),
+    ("GET", "/h", "x-a: 1\r\nx-b: pq\r\nx-c: ccc\r\nx-e: yes\r\n"),
+    ("GET", "/h", "x-a: 1\r\nx-b: pq\r\nx-c: cxc\r\n"),
+    ("GET", "/h", "x-a: 1\r\nx-b: qp\r\nx-c: c\r\n"),
+    ("GET", "/h", "x-a: 2\r\nx-b: p\r\nx-c: c\r\n"),
+    ("GET", "/h", "x-b: p\r\nx-c: c\r\n"),
+    ("GET", "/q?q=1&r", ""), ("GET", "/q?q=1&r=", ""), ("GET", "/q?r=7&q=1", ""), ("GET", "/q?q=2&q=1&r", ""),
+    ("GET", "/q?q=%31&r", ""), ("GET", "/q?q=1", ""), ("GET", "/q?q=1&r", "x-f: \r\n"),
+    ("GET", "/q?q=1&r", "x-f: 1\r\n"),
+    ("GET", "/auth", "@match-service:80"), ("GET", "/auth", ""), ("GET", "/other", ""),
+]
+
+
+def test_envoy_routes_every_request_where_meshcore_routes_it(tmp_path):
+    """The matcher translation, end to end: for each request Envoy answers from the pod that
+    meshcore's route table picks on the same bytes (404 where it finds no route)."""
+    names = [f"r{i}" for i in range(5)]
+    pods = Pods([(n, free_port(), n) for n in names])
+    try:
+        mesh = _write(tmp_path, "mesh.yaml", matching_mesh([pods.port(n) for n in names]))
+        snapshot = compile_sources(read_sources([mesh]))
+        boot = envoy_bootstrap(snapshot, listen=("127.0.0.1", free_port()),
+                               admin=("127.0.0.1", free_port()))
+        seen, expected = [], []
+        with running_envoy(tmp_path, boot) as (port, _):
+            c = Client(port)
+            try:
+                for method, path, extra in MATCH_REQUESTS:
+                    host = "match-service"
+                    if extra.startswith("@"):
+                        host, extra = extra[1:], ""
+                    raw = (f"{method} {path} HTTP/1.1\r\nHost: {host}\r\n{extra}"
+                           f"content-length: 0\r\n\r\n").encode()
+                    head = parse_request(raw)
+                    route = find_route(snapshot, head.host, head)
+                    want = (404, None) if route is None else \
+                        (200, "r" + route.destinations[0].cluster.split("|")[2][1:])
+                    c.send(raw)
+                    r = c.read_response()
+                    expected.append((method, path, extra, host, want))
+                    seen.append((method, path, extra, host, (r.status, r.header("x-pod"))))
+            finally:
+                c.close()
+        assert seen == expected
+        # the requests exercise every route and the no-route case
+        assert {w for *_, w in expected} == {(200, n) for n in names} | {(404, None)}
+    finally:
+        pods.stop()
+
+
 def test_bare_service_entry_routes_to_its_endpoint(tmp_path):
     pods = Pods([("bare", free_port(), "bare pod")])
     try:
@@ -343,6 +453,12 @@ def test_bare_service_entry_routes_to_its_endpoint(tmp_path):
             headers = dict(seen["headers"])
             assert headers["x-envoy-attempt-count"] == "1"  # include_request_attempt_count
             assert "x-envoy-expected-rq-timeout-ms" not in headers  # route timeout 0s: none
+            assert headers["x-forwarded-proto"] == "http" and "x-forwarded-for" not in headers
+            assert re.fullmatch(r"[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[0-9a-f]{4}-[0-9a-f]{12}",
+                                headers["x-request-id"])  # generated when absent (§8.3)
+            pods.clear()
+            _get(port, "/", "bare-service", [("x-request-id", "mine")])
+            assert dict(pods.log("bare")[0]["headers"])["x-request-id"] == "mine"  # kept
             assert _get(port, "/", "unknown-service").status == 404  # no catch-all virtual host
     finally:
         pods.stop()
