@@ -278,10 +278,6 @@ def _seed_dir(tmp_path, name, pods) -> str:
     return str(out)
 
 
-def _pods_seen(pods, names):
-    return Counter({n: len(pods.log(n)) for n in names if pods.log(n)})
-
-
 # ------------------------------------------------------------------------------------------------
 # Envoy accepts every generated config
 
@@ -557,10 +553,9 @@ def test_istio_realistic_config_retries_and_logs(tmp_path):
             r = _get(port, "/?failRate=100&mode=busy", "app-service")
             assert (r.status, r.body) == (503, b"busy\n")
             tries = [dict(e["headers"]) for n in names for e in pods.log(n)]
-            # attempts 2 = 3 tries; previous_hosts spreads them over the three pods
+            # attempts 2 = 3 tries, each told its per-try budget (which pods: random, §3.6)
             assert sorted(int(h["x-envoy-attempt-count"]) for h in tries) == [1, 2, 3]
             assert {h["x-envoy-expected-rq-timeout-ms"] for h in tries} == {"2000"}
-            assert _pods_seen(pods, names) == Counter({n: 1 for n in names})
             deadline = time.monotonic() + 10
             lines = []
             while len(lines) < 2 and time.monotonic() < deadline:
