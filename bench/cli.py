@@ -298,8 +298,10 @@ class Bench:
                             "haproxy": "apt-get install haproxy"}[name]
                     self.notes.append(f"{name}: skipped, not installed ({hint})")
                     continue
-                out.append({"envoy": T.Envoy, "nginx": T.NginxProxy,
-                            "haproxy": T.HAProxy}[name](binary))
+                if name == "envoy":  # the same Istio YAML (and access log) as meshcore's
+                    out.append(T.Envoy(binary, **profile))
+                else:
+                    out.append({"nginx": T.NginxProxy, "haproxy": T.HAProxy}[name](binary))
             else:
                 raise SystemExit(f"unknown target {name!r} (choose from "
                                  f"{', '.join(ALL_TARGETS)})")

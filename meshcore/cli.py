@@ -112,7 +112,47 @@ def build_parser() -> argparse.ArgumentParser:
                                   "lists its flags)", add_help=False)
     sub.add_parser("top", help="live per-cluster and per-endpoint view of a running proxy "
                                "(`top --help` lists its flags)", add_help=False)
+    _add_envoy_config_parser(sub)
     return parser
+
+
+def _add_envoy_config_parser(sub) -> None:
+    p = sub.add_parser("envoy-config",
+                       help="print the Envoy 1.40 bootstrap istiod would program for this config "
+                            "(an outbound sidecar listener); default format YAML")
+    p.add_argument("--config", action="append", required=True, metavar="FILE",
+                   help="YAML/JSON file or directory (repeatable; required)")
+    p.add_argument("--listen", type=_hostport, default=("127.0.0.1", 15001), metavar="HOST:PORT",
+                   help="Envoy's outbound listener (default: 127.0.0.1:15001)")
+    p.add_argument("--admin", type=_hostport, default=("127.0.0.1", 15000), metavar="HOST:PORT",
+                   help="Envoy's admin interface (default: 127.0.0.1:15000)")
+    p.add_argument("--access-log", default=None, metavar="PATH|stdout",
+                   help="write Istio's text access log to PATH or stdout (default: off)")
+    p.add_argument("--format", choices=("yaml", "json"), default="yaml",
+                   help="output format (default: yaml)")
+
+
+def cmd_envoy_config(args) -> int:
+    from meshcore.config.compile import compile_sources
+    from meshcore.config.envoy_bootstrap import envoy_bootstrap, to_json, to_yaml
+    from meshcore.config.load import read_sources
+    from meshcore.errors import ConfigError
+    try:
+        snapshot = compile_sources(read_sources(args.config))
+        bootstrap = envoy_bootstrap(snapshot, listen=args.listen, admin=args.admin,
+                                    access_log=args.access_log)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(problem, file=sys.stderr)
+        print(f"{len(exc.problems)} error(s)", file=sys.stderr)
+        return 1
+    except ValueError as exc:
+        print(f"meshcore envoy-config: {exc}", file=sys.stderr)
+        return 1
+    for warning in snapshot.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    sys.stdout.write(to_json(bootstrap) if args.format == "json" else to_yaml(bootstrap))
+    return 0
 
 
 def _add_workload_flags(p) -> None:
@@ -333,6 +373,8 @@ def main(argv=None) -> int:
     if args.command == "demo":
         from meshcore.demo import run_demo
         return run_demo(args)
+    if args.command == "envoy-config":
+        return cmd_envoy_config(args)
     return 2
 
 

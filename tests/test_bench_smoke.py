@@ -91,14 +91,27 @@ def test_generated_configs_are_what_the_issue_specifies():
     assert se["spec"]["resolution"] == "STATIC"
     assert se["spec"]["endpoints"] == [{"address": "127.0.0.1", "ports": {"http": 8081}}]
 
+    # Envoy's bootstrap is generated from the same Istio YAML (meshcore.config.envoy_bootstrap)
     boot = yaml.safe_load(targets.envoy_bootstrap(10000, 10001, [8081]))
     cluster = boot["static_resources"]["clusters"][0]
-    assert cluster["type"] == "STATIC"
+    assert cluster["name"] == "outbound|80||bench-service" and cluster["type"] == "STATIC"
     assert all(v == 2**32 - 1 for v in cluster["circuit_breakers"]["thresholds"][0].values())
+    eps = cluster["load_assignment"]["endpoints"][0]["lb_endpoints"]
+    assert [e["endpoint"]["address"]["socket_address"]["port_value"] for e in eps] == [8081]
     hcm = boot["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]
     route = hcm["typed_config"]["route_config"]["virtual_hosts"][0]["routes"][0]["route"]
-    assert route["timeout"] == "0s" and "retry_policy" not in route
+    # no VirtualService: Istio's default route, no timeout and its default retry policy
+    assert route["timeout"] == "0s" and route["retry_policy"]["num_retries"] == 2
     assert "access_log" not in hcm["typed_config"]
+    vs = "apiVersion: networking.istio.io/v1beta1\nkind: VirtualService\nmetadata: {name: b}\n" \
+         "spec: {hosts: [bench-service], http: [{route: [{destination: {host: bench-service}}], " \
+         "timeout: 2s, retries: {attempts: 0}}]}\n"
+    boot = yaml.safe_load(targets.envoy_bootstrap(10000, 10001, [8081, 8082], vs, "/tmp/a.log"))
+    hcm = boot["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+    route = hcm["route_config"]["virtual_hosts"][0]["routes"][0]["route"]
+    assert route["timeout"] == "2s" and "retry_policy" not in route
+    assert hcm["access_log"][0]["typed_config"]["path"] == "/tmp/a.log"
+    assert len(boot["static_resources"]["clusters"][0]["load_assignment"]["endpoints"][0]["lb_endpoints"]) == 2
 
     variants = cli.load_matrix(None)
     assert {"baseline", "access-log", "endpoints-3", "endpoints-30"} <= set(variants)

