@@ -8,7 +8,8 @@ Python objects per header at parse time: it copies the head bytes once and keeps
 forward_headers() and in the lazily built method/target/path/host/reason attributes.
 """
 
-from cpython.bytes cimport PyBytes_FromStringAndSize, PyBytes_AS_STRING, PyBytes_GET_SIZE, PyBytes_Check
+from cpython.bytes cimport (PyBytes_FromStringAndSize, PyBytes_AS_STRING, PyBytes_GET_SIZE,
+                            PyBytes_Check, PyBytes_CheckExact)
 from cpython.bytearray cimport PyByteArray_AS_STRING, PyByteArray_GET_SIZE, PyByteArray_Check
 from cpython.mem cimport PyMem_Malloc, PyMem_Free
 from libc.string cimport memchr, memcpy, memcmp
@@ -156,6 +157,15 @@ cdef void _init_tables():
 
 
 _init_tables()
+
+
+cdef inline bint _is_lower(bytes x):
+    cdef const unsigned char* p = <const unsigned char*>PyBytes_AS_STRING(x)
+    cdef Py_ssize_t i
+    for i in range(PyBytes_GET_SIZE(x)):
+        if T_LOWER[p[i]] != p[i]:
+            return False
+    return True
 
 
 cdef inline bint _ows(unsigned char c) noexcept nogil:
@@ -621,10 +631,18 @@ cdef class _Head:
         cdef Field* f
         cdef bint skip
         if drop:
-            drop_keep = [bytes(x).lower() for x in drop]
-            if len(drop_keep) > C_MAX_EXCLUDE // 2:
+            if len(drop) > C_MAX_EXCLUDE // 2:
                 return self._forward_slow(resp, drop)
-            for d in drop_keep:
+            for x in drop:
+                # Lowercase bytes (the proxy's own constants) are used in place; anything else is
+                # lowered into a copy kept alive by drop_keep.
+                if PyBytes_CheckExact(x) and _is_lower(<bytes>x):
+                    d = <bytes>x
+                else:
+                    d = bytes(x).lower()
+                    if drop_keep is None:
+                        drop_keep = []
+                    drop_keep.append(d)
                 xs[ndrop] = <const unsigned char*>PyBytes_AS_STRING(d)
                 xl[ndrop] = PyBytes_GET_SIZE(d)
                 ndrop += 1

@@ -40,7 +40,8 @@ from cpython.unicode cimport PyUnicode_AsUTF8AndSize
 from libc.stdint cimport uint8_t, uint32_t, int32_t, uint64_t, int64_t
 from libc.stdlib cimport malloc, realloc, free
 from libc.string cimport memcpy, memset, memcmp, strlen
-from libc.errno cimport errno, EAGAIN, EINTR, EINPROGRESS, EMFILE, ENFILE, ENOBUFS, ENOMEM
+from libc.errno cimport (errno, EAGAIN, EINTR, EINPROGRESS, EMFILE, ENFILE, ENOBUFS, ENOMEM,
+                         ENOSYS)
 from posix.unistd cimport close as c_close, read as c_read, write as c_write
 from posix.time cimport timespec, clock_gettime, CLOCK_MONOTONIC, CLOCK_REALTIME
 
@@ -78,6 +79,8 @@ cdef extern from "<sys/epoll.h>" nogil:
     int epoll_create1(int flags)
     int epoll_ctl(int epfd, int op, int fd, epoll_event* ev)
     int epoll_wait(int epfd, epoll_event* events, int maxevents, int timeout)
+    int epoll_pwait2(int epfd, epoll_event* events, int maxevents, const timespec* timeout,
+                     const void* sigmask)
     enum:
         EPOLLIN
         EPOLLOUT
@@ -198,8 +201,10 @@ cdef enum:
     LOW_WATER = 65536           # ...and resume it below this
     BODY_BUFFER_LIMIT = 1048576  # request body held while no upstream can take it (and for replay)
     LOG_FLUSH_AT = 65536        # access log bytes buffered before a write
+    PIPELINE_LIMIT = 65536      # bytes read ahead of the request in flight (pipelining, EOF)
 
 cdef uint32_t UNLIMITED = 4294967295u
+cdef double LINGER_BUDGET = 0.001  # most time run_once lingers for due answers in one call
 
 # Stat indexes of a worker stats row, from the one declaration in meshcore.shm.layout.
 cdef int W_CX_TOTAL = _layout.W_INDEX["upstream_cx_total"]
@@ -317,6 +322,11 @@ cdef enum:
     ST_DONE = 7
     ST_PARKED = 8       # the policy is awaiting something (a name to resolve); resume() goes on
 
+# stateless balancers the loop draws itself (meshcore.upstream.balancer.stateless_kind)
+cdef enum:
+    FAST_LEAST_REQUEST = 1
+    FAST_RANDOM = 2
+
 # timer kinds
 cdef enum:
     T_ROUTE = 1
@@ -385,6 +395,7 @@ cdef class Loop:
     cdef set shadows            # mirror copies in flight
     cdef list listeners
     cdef public object policy
+    cdef dict fast_routes                   # host -> FastRoute (set_fast_routes)
     cdef public bint draining
     cdef public bint use_remote_address
     cdef public double header_timeout
@@ -411,6 +422,12 @@ cdef class Loop:
     cdef public uint64_t n_requests
     cdef public uint64_t n_policy_calls
     cdef public uint64_t n_accept_overflow
+    cdef public uint64_t n_passes           # run_once calls
+    cdef public uint64_t n_events           # socket events handled
+    cdef public uint64_t n_fast             # requests decided in C (no policy call)
+    cdef public uint64_t n_lingers          # waits in epoll for an answer due soon
+    cdef public int inflight                # upstream attempts in progress
+    cdef public double linger               # seconds to wait for a due answer (0: never)
     cdef int bug_reports
     cdef double bug_window
     cdef TimerFd timer_handle
@@ -450,6 +467,7 @@ cdef class Loop:
             raise MemoryError()
         self.nheap = 0
         self.deferred = []
+        self.fast_routes = {}
         self.conns = set()
         self.shadows = set()
         self.listeners = []
@@ -460,6 +478,7 @@ cdef class Loop:
         self.idle_timeout = idle_timeout
         self.max_connections = max_connections
         self.accepting = True
+        self.linger = 0.0002
         seed = _os.urandom(16)
         memcpy(&self.rng0, PyBytes_AS_STRING(seed), 8)
         memcpy(&self.rng1, PyBytes_AS_STRING(seed) + 8, 8)
@@ -601,6 +620,11 @@ cdef class Loop:
         elif (<uint64_t*>(b + 8 * IB_CX_ACTIVE))[0]:
             (<uint64_t*>(b + 8 * IB_CX_ACTIVE))[0] -= 1
 
+    def set_fast_routes(self, dict routes):
+        """Hosts the loop routes without calling the policy (swapped by reference on reload):
+        {lowercase host bytes (as the Host header carries it): FastRoute}. See FastRoute."""
+        self.fast_routes = routes
+
     def add_listener(self, sock):
         """Serve a listening socket (its fd is duplicated; the caller may close its object)."""
         cdef Listener lst = Listener.__new__(Listener)
@@ -612,26 +636,59 @@ cdef class Loop:
         return lst
 
     def run_once(self):
-        """Handle what is ready now (at most max_events sockets) and the expired timers; never
-        blocks. Returns the number of socket events handled."""
-        cdef int n, i
+        """Handle what is ready (at most max_events socket events) and the expired timers.
+        Returns the number of socket events handled.
+
+        While upstream answers are due (attempts in flight) it lingers in epoll for up to
+        `linger` seconds (200 µs) for them instead of returning to trio at once: an answer that
+        arrives within the window costs no trio wake-up. The lingering stops when nothing came
+        in the window, after max_events events, or after LINGER_BUDGET in all, so trio's other
+        tasks wait at most about a millisecond."""
+        cdef int n, i, total = 0
         cdef Handle h
-        n = epoll_wait(self.epfd, self.events, self.max_events, 0)
-        if n < 0:
-            if errno == EINTR:
-                return 0
-            raise OSError(errno, "epoll_wait failed")
-        for i in range(n):
-            h = <Handle>self.events[i].data.ptr
-            try:
-                h.on_event(self.events[i].events)
-            except Exception:
-                self.contain(h)
+        cdef timespec ts
+        cdef double start = 0.0
+        cdef bint first = True
+        while True:
+            if first:
+                n = epoll_wait(self.epfd, self.events, self.max_events - total, 0)
+                first = False
+            else:
+                if self.inflight <= 0 or self.linger <= 0 or total >= self.max_events:
+                    break
+                if start == 0.0:
+                    start = mono()
+                elif mono() - start > LINGER_BUDGET:
+                    break
+                ts.tv_sec = 0
+                ts.tv_nsec = <long>(self.linger * 1e9)
+                n = epoll_pwait2(self.epfd, self.events, self.max_events - total, &ts, NULL)
+                self.n_lingers += 1
+                if n < 0 and errno == ENOSYS:  # a kernel before 5.11: no lingering here
+                    self.linger = 0.0
+                    break
+            if n < 0:
+                if errno == EINTR:
+                    break
+                raise OSError(errno, "epoll_wait failed")
+            if n == 0:
+                break
+            self.n_passes += 1
+            self.n_events += n
+            total += n
+            for i in range(n):
+                h = <Handle>self.events[i].data.ptr
+                try:
+                    h.on_event(self.events[i].events)
+                except Exception:
+                    self.contain(h)
+                self.run_deferred()
+            self.run_timers()
             self.run_deferred()
         self.run_timers()
         self.run_deferred()
         self.arm_timerfd()
-        return n
+        return total
 
     @property
     def connections(self):
@@ -689,7 +746,9 @@ cdef class Loop:
                 "shadows": len(self.shadows), "requests": self.n_requests,
                 "policy_calls": self.n_policy_calls, "policy_seconds": self.t_policy,
                 "log_seconds": self.t_log, "log_dropped": self.log_dropped,
-                "accept_overflow": self.n_accept_overflow}
+                "accept_overflow": self.n_accept_overflow, "passes": self.n_passes,
+                "events": self.n_events, "fast_decisions": self.n_fast,
+                "lingers": self.n_lingers}
 
     def close(self):
         """Close every connection and flush the log. Then the shared-memory buffer is released
@@ -1205,14 +1264,21 @@ cdef class DConn(Handle):
             self.loop.arm(&self.t_header, self, T_HEADER, mono() + self.loop.header_timeout)
 
     cdef int update_interest(self) except -1:
+        """Reading stays on while a request is in flight (no interest change per request, and a
+        client that resets or half-closes is noticed at once); it pauses for backpressure on a
+        request body, when pipelined bytes pile up, and after EOF (level-triggered EOF would
+        wake the loop forever)."""
         cdef uint32_t want = 0
         cdef Stream s = self.stream
-        if not self.closing:
+        if not self.closing and not self.proto.eof:
             if s is None:
                 want = EPOLLIN
-            elif self.proto.rstate == R_BODY and not s.body_blocked():
+            elif self.proto.rstate == R_BODY:
+                if not s.body_blocked():
+                    want = EPOLLIN
+                    self.reading_paused = False
+            elif self.proto.buffered() < PIPELINE_LIMIT:
                 want = EPOLLIN
-                self.reading_paused = False
         if buf_len(&self.out):
             want |= EPOLLOUT
         self.loop.modify(self, want)
@@ -1714,6 +1780,22 @@ cdef class ClusterHandle:
             inc64(h + 8 * IH_SUM, value)
         inc64(h + 8 * IH_COUNT, 1)
 
+    cdef int fast_pick(self, int lb) noexcept:
+        """meshcore.upstream.balancer's LEAST_REQUEST (equal weights, two choices with
+        replacement, the first kept unless the second has strictly fewer active requests) or
+        RANDOM; -1 when a host is ejected (the policy then picks over the healthy set)."""
+        cdef int n = self.n, i, j
+        cdef Py_ssize_t* rq
+        if mc_load32(self.crow + C_EJECTIONS_ACTIVE):
+            return -1
+        i = <int>(self.loop.rand64() % <uint64_t>n)
+        if lb == FAST_LEAST_REQUEST:
+            j = <int>(self.loop.rand64() % <uint64_t>n)
+            rq = self.book._rq
+            if j != i and rq[j] < rq[i]:
+                i = j
+        return i
+
     cdef void outlier_success(self, int ep) noexcept:
         """meshcore.upstream.outlier.on_result for a success, the hot half in C."""
         cdef char* h = self.hosts[ep]
@@ -1853,6 +1935,35 @@ cdef socklen_t _pack_addr(int family, str host, int port, sockaddr_storage* out)
     if inet_pton(AF_INET6, h, &a6.sin6_addr) != 1:
         raise ValueError(f"bad IPv6 address {host!r}")
     return sizeof(sockaddr_in6)
+
+
+cdef class FastRoute:
+    """A decision that depends only on the Host header, cached per snapshot (issue 8: "decisions
+    that depend only on host, path and method may be cached in C"). The Dataplane registers a
+    host when its virtual host's first route matches every path starting with "/" (the loop
+    checks the path), has one destination and no
+    per-request policy (fault, mirror, hashing, route actions), and the cluster's balancer is
+    stateless (equal-weight LEAST_REQUEST or RANDOM). Such a request goes to the policy only if
+    it carries x-envoy-* overrides or a host is ejected (then the pick needs the healthy set)."""
+    cdef RouteHandle route
+    cdef ClusterHandle cluster
+    cdef int lb
+
+    def __init__(self, RouteHandle route, ClusterHandle cluster, str lb):
+        self.route = route
+        self.cluster = cluster
+        if lb == "LEAST_REQUEST":
+            self.lb = FAST_LEAST_REQUEST
+        elif lb == "RANDOM":
+            self.lb = FAST_RANDOM
+        else:
+            raise ValueError(f"not a stateless balancer kind: {lb!r}")
+        if cluster.n == 0:
+            raise ValueError("a cluster without endpoints cannot be picked from")
+
+    def pick(self):
+        """One pick as the loop makes it (-1: a host is ejected, ask the policy)."""
+        return self.cluster.fast_pick(self.lb)
 
 
 cdef class RouteHandle:
@@ -2094,6 +2205,8 @@ cdef class Stream(Handle):
             return self.finish_local(_HTTP10, True, b"", None)
         if h._me - h._ms == 7 and memcmp(raw + h._ms, "CONNECT", 7) == 0:
             return self.finish_local(_NO_ROUTE, True, b"", None)
+        if loop.fast_routes and h._hs >= 0 and self.fast_decide(h, raw):
+            return self.proceed()
         loop.n_policy_calls += 1
         if loop.profile:
             t0 = mono()
@@ -2122,6 +2235,31 @@ cdef class Stream(Handle):
             self.run_mirror()
         self.arm_route_timer()
         return self.start_attempt()
+
+    cdef bint fast_decide(self, RequestHead h, const char* raw) except -1:
+        """Route and pick in C when the host's decision is cached (FastRoute)."""
+        cdef FastRoute fr
+        cdef object got
+        cdef int ep
+        if h.count_prefix_c("x-envoy-", 8):
+            return False  # client overrides: the policy merges them
+        if not h._path_slash and (h._pe == h._ps or raw[h._ps] != 47):
+            return False  # a path not starting with "/" (OPTIONS *): the routes decide
+        got = self.loop.fast_routes.get(PyBytes_FromStringAndSize(raw + h._hs, h._he - h._hs))
+        if got is None:
+            return False
+        fr = <FastRoute>got
+        ep = fr.cluster.fast_pick(fr.lb)
+        if ep < 0:
+            return False
+        self.route = fr.route
+        self.cluster = fr.cluster
+        self.ep = ep
+        self.route_timeout = fr.route.timeout
+        self.per_try_timeout = fr.route.per_try_timeout
+        self.keep_body = fr.route.keep_body
+        self.loop.n_fast += 1
+        return True
 
     cdef int arm_delay(self) except -1:
         self.state = ST_DELAY
@@ -2271,6 +2409,7 @@ cdef class Stream(Handle):
             c.stat(W_RQ_ACTIVE_OVERFLOW, 1)
             return self.on_attempt_failed(K_OVERFLOW)
         self.a_counted = True
+        self.loop.inflight += 1
         c.book.rq_start(self.ep)
         if not self.fresh:
             u = c.checkout(self.ep)
@@ -2355,6 +2494,7 @@ cdef class Stream(Handle):
         """Give back the attempt's rq_active unit and per-endpoint count."""
         if self.a_counted:
             self.a_counted = False
+            self.loop.inflight -= 1
             self.cluster.release_unit(C_RQ_ACTIVE)
             self.cluster.book.rq_end(self.ep)
         if self.t_try.idx >= 0:

@@ -22,7 +22,6 @@ import os
 import re
 import time
 
-import orjson
 import trio
 
 
@@ -246,13 +245,14 @@ def compile_format(fmt: str | None, encoding: str = "text"):
         fields = ISTIO_JSON
     else:
         try:
-            fields = orjson.loads(fmt)
-        except orjson.JSONDecodeError as exc:
+            fields = _orjson().loads(fmt)
+        except ValueError as exc:  # orjson.JSONDecodeError is a ValueError
             raise AccessLogFormatError(f"with json encoding the format is a JSON object of "
                                        f"field -> format string: {exc}") from None
         if not isinstance(fields, dict) or not all(isinstance(v, str) for v in fields.values()):
             raise AccessLogFormatError("with json encoding the format is a JSON object of "
                                        "field -> format string")
+    dumps = _orjson().dumps
     compiled = []
     for key, value in fields.items():
         parts = _parse(value)
@@ -281,8 +281,14 @@ def compile_format(fmt: str | None, encoding: str = "text"):
                         v = p[0](rec)
                         out.append("-" if v is None or v == "" else str(v))
                 obj[key] = "".join(out)
-        return orjson.dumps(obj).decode() + "\n"
+        return dumps(obj).decode() + "\n"
     return json_line
+
+
+def _orjson():
+    """orjson, imported only for JSON encoding (it costs a worker over 2 MB of memory)."""
+    import orjson
+    return orjson
 
 
 def open_log_fd(path: str | None) -> int:

@@ -26,7 +26,7 @@ import traceback
 
 from meshcore import local_reply as lr
 from meshcore.accesslog import ISTIO_TEXT, AccessLog, compile_format, open_log_fd
-from meshcore._ext.loop import RELAY, REPLY, RETRY, ClusterHandle, Loop, RouteHandle
+from meshcore._ext.loop import RELAY, REPLY, RETRY, ClusterHandle, FastRoute, Loop, RouteHandle
 from meshcore.policy.classify import Kind, classify_failure, classify_response
 from meshcore.policy.fault import DELAY_FLAG, decide_fault
 from meshcore.policy.mirror import (head_authority, mirror_head, shadow_authority, shadow_head,
@@ -40,13 +40,13 @@ from meshcore.policy.retry import (RETRY_ON_5XX, RETRY_ON_ENVOY_RATE_LIMITED, RE
 from meshcore.policy.timeout import TIMEOUT_REQUEST_HEADERS, route_timeout_override
 from meshcore.config.discovery import request_endpoints, request_target
 from meshcore.config.policy import PER_REQUEST_DISCOVERY
-from meshcore.routing.actions import local_response, response_edits
-from meshcore.routing.table import find_route, pick_weighted
+from meshcore.routing.matchers import matches_every_slash_path
+from meshcore.routing.table import RouteTable, find_route, pick_weighted
 from meshcore.shm.layout import (W_INDEX, W_UPSTREAM_RQ_PENDING_OVERFLOW,
                                  W_UPSTREAM_RQ_RETRY_BACKOFF_EXPONENTIAL,
                                  W_UPSTREAM_RQ_RETRY_SUCCESS)
+from meshcore.upstream.balancer import stateless_kind
 from meshcore.upstream.cluster import MAX_IDLE_PER_ENDPOINT, ClusterState
-from meshcore.upstream.hashkey import hash_source_address, request_hash
 from meshcore.upstream.original_dst import is_ip, resolve
 
 # Envoy merges these client retry/timeout overrides into the route policy, then removes them.
@@ -178,6 +178,7 @@ class Dataplane:
         self.snapshot = snapshot
         self.clusters = states
         self.routes = routes
+        self.loop.set_fast_routes(fast_routes(snapshot, states, routes))
         for name, prev in old.items():
             if states.get(name) is not prev:
                 prev.handle.retired = True
@@ -275,6 +276,7 @@ class Dataplane:
                 stream.reply(route.fault.abort_reply)
                 return
         if route.cors is not None or route.direct is not None:
+            from meshcore.routing.actions import local_response  # only routes that have them
             answer = local_response(route, head)  # CORS preflight, redirect, directResponse
             if answer is not None:
                 stream.reply(answer[0], extra=answer[1])
@@ -331,6 +333,7 @@ class Dataplane:
         cookies = ()
         if state.table is not None and route.hash_policies:
             remote = stream.downstream_remote
+            from meshcore.upstream.hashkey import hash_source_address, request_hash
             hashed, cookies = request_hash(
                 route.hash_policies, head, hash_source_address(remote, head.get(b"x-forwarded-for")),
                 remote, stream.downstream_local)
@@ -342,6 +345,7 @@ class Dataplane:
         if wc.rewrite is not None or wc.request_headers is not None:
             stream.request_edits = wc
         if wc.response_headers is not None or route.cors is not None:
+            from meshcore.routing.actions import response_edits
             stream.response_edits = response_edits(wc, route, head)
         if head.count_prefix(b"x-envoy-"):  # rare: client overrides to merge, then strip
             retry = merge_request_overrides(route.retry, head.get)
@@ -504,6 +508,37 @@ class Dataplane:
             sink.close()
         if self.access_log is not None:
             self.access_log.flush()
+
+
+def fast_routes(snapshot, states: dict, routes: dict) -> dict:
+    """The hosts whose decision the loop may make in C (see ext/loop.pyx FastRoute): the virtual
+    host's first route matches every path starting with "/" (the loop checks that) and needs
+    nothing per request that decide() would
+    do (one destination; no fault, mirror, hashing, CORS, redirect, direct response, rewrite or
+    header edits), and its cluster's endpoints are fixed and its balancer stateless."""
+    table = snapshot.route_table or RouteTable.from_vhosts(snapshot.vhosts)
+    out = {}
+    for key, vhost in table.exact.items():
+        if not vhost.routes:
+            continue
+        route = vhost.routes[0]
+        if (not matches_every_slash_path(route.matches) or len(route.destinations) != 1
+                or route.fault is not None
+                or route.mirrors or route.hash_policies or route.cors is not None
+                or route.direct is not None):
+            continue
+        wc = route.destinations[0]
+        if wc.rewrite is not None or wc.request_headers is not None \
+                or wc.response_headers is not None:
+            continue
+        state = states.get(wc.cluster)
+        if state is None or state.n == 0 or state.policy.per_request_endpoints \
+                or state.table is not None:
+            continue
+        kind = stateless_kind(state.balancer)
+        if kind is not None:
+            out[key] = FastRoute(routes[id(route)], state.handle, kind)
+    return out
 
 
 class LogRecord:

@@ -542,3 +542,17 @@ def compile_re2(pattern: str) -> re.Pattern:
             return re.compile(translated.encode("utf-8"))
     except re.error as e:
         raise ValueError(str(e)) from None
+
+
+def matches_every_slash_path(matches) -> bool:
+    """True when a route's `matches` (OR-ed) accept every request whose path starts with "/":
+    no match entries at all, or one whose only condition is the case-sensitive prefix "/" (what
+    Istio writes for a route without `match`). The event loop caches such routes per host."""
+    if not matches:
+        return True
+    for m in matches:
+        if (isinstance(m, RequestMatch) and m.method is None and m.authority is None
+                and not m.headers and not m.query and m.path is not None
+                and m.path.kind == "prefix" and m.path.value == b"/" and not m.path.ignore_case):
+            return True
+    return False

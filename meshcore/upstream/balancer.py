@@ -49,7 +49,7 @@ import random
 from typing import AbstractSet, Optional, Protocol, Sequence
 
 __all__ = [
-    "Balancer", "NoHealthyUpstream", "make_balancer", "KINDS",
+    "Balancer", "NoHealthyUpstream", "make_balancer", "stateless_kind", "KINDS",
     "SCHEDULE_TABLE_MAX", "HOST_SELECTION_RETRY_MAX_ATTEMPTS", "edf_schedule",
     "SlowStart", "slow_start_from_istio", "stamp_joined", "LocalityLb", "locality_lb_from_istio",
     "make_cluster_balancer",
@@ -364,6 +364,19 @@ def _normalise_weights(weights) -> tuple:
             raise ValueError(f"endpoint weights must be >= 0, got {w}")
         out.append(w if w > 0 else 1)
     return tuple(out)
+
+
+def stateless_kind(balancer) -> str | None:
+    """"LEAST_REQUEST" for an equal-weight power-of-two-choices balancer, "RANDOM" for an
+    equal-weight random one, else None. Those two keep no state between picks, so the event loop
+    may draw the same picks itself (ext/loop.pyx ClusterHandle.fast_pick: two uniform draws with
+    replacement, the second kept only with strictly fewer active requests; or one draw)."""
+    t = type(balancer)
+    if t is _LeastRequest:
+        return "LEAST_REQUEST"
+    if t is _Random:
+        return "RANDOM"
+    return None
 
 
 def make_balancer(kind: str, weights: Sequence[int], rng: random.Random, *,

@@ -278,7 +278,11 @@ class Proxy:
         self.out = open(log_path, "wb") if log_path else subprocess.DEVNULL
         self.err = tempfile.TemporaryFile()  # a file, not a pipe: a chatty proxy must never block
         self.proc = subprocess.Popen(args, cwd=REPO, stdout=self.out, stderr=self.err)
-        self.wait_ready()
+        try:
+            self.wait_ready()
+        except BaseException:  # never leave a proxy (and its workers) running behind a failure
+            self.stop()
+            raise
 
     def admin_get(self, path):
         with urllib.request.urlopen(f"http://127.0.0.1:{self.admin}{path}", timeout=5) as r:
