@@ -1,5 +1,5 @@
-"""Command line: `python -m meshcore run|check|demo|bench|replay|top` (also installed as
-`meshcore`)."""
+"""Command line: `python -m meshcore run|check|demo|bench|replay|top|envoy-config|iptables`
+(also installed as `meshcore`)."""
 from __future__ import annotations
 
 import argparse
@@ -113,7 +113,60 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("top", help="live per-cluster and per-endpoint view of a running proxy "
                                "(`top --help` lists its flags)", add_help=False)
     _add_envoy_config_parser(sub)
+    _add_iptables_parser(sub)
     return parser
+
+
+def _uid(text: str) -> int:
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"expected a numeric uid/gid, got {text!r}")
+    return int(text)
+
+
+def _port(text: str) -> int:
+    if not text.isdigit() or not 1 <= int(text) <= 65535:
+        raise argparse.ArgumentTypeError(f"expected a port number 1-65535, got {text!r}")
+    return int(text)
+
+
+def _add_iptables_parser(sub) -> None:
+    p = sub.add_parser(
+        "iptables", help="install Istio's capture rules (istio-iptables) in this network namespace",
+        description="Redirect the pod's TCP to the sidecar as istio-iptables does (chains "
+                    "ISTIO_OUTPUT, ISTIO_REDIRECT, ISTIO_IN_REDIRECT, ISTIO_INBOUND in the nat "
+                    "table): outbound to --outbound-port except the proxy's uid/gid and "
+                    "loopback, inbound to --inbound-port. Needs root or NET_ADMIN+NET_RAW (an "
+                    "init container). Idempotent: a previous capture is removed first. Ports "
+                    "15000, 15001, 15006, 15021, 15090 are never captured inbound.")
+    p.add_argument("--proxy-uid", type=_uid, default=1337, metavar="UID",
+                   help="the proxy's uid: its connections are not captured (default 1337)")
+    p.add_argument("--proxy-gid", type=_uid, default=None, metavar="GID",
+                   help="the proxy's gid: its connections are not captured either (default: the "
+                        "proxy uid)")
+    p.add_argument("--outbound-port", type=_port, default=15001, metavar="PORT",
+                   help="where outbound TCP is redirected: the sidecar's outbound listener "
+                        "(default 15001)")
+    p.add_argument("--inbound-port", type=_port, default=15006, metavar="PORT",
+                   help="where inbound TCP is redirected: the sidecar's inbound listener "
+                        "(default 15006)")
+    p.add_argument("--include-inbound-ports", default="*", metavar="PORTS",
+                   help="inbound ports to capture: comma-separated, '*' for all, '' for none "
+                        "(default '*')")
+    p.add_argument("--exclude-inbound-ports", default="", metavar="PORTS",
+                   help="inbound ports never captured, comma-separated, added to 15000, 15001, "
+                        "15006, 15021, 15090 (default: none)")
+    p.add_argument("--exclude-outbound-ports", default="", metavar="PORTS",
+                   help="destination ports never captured outbound, comma-separated (default: "
+                        "none)")
+    p.add_argument("--exclude-outbound-cidrs", default="", metavar="CIDRS",
+                   help="destination addresses/CIDRs never captured outbound, comma-separated "
+                        "(default: none)")
+    p.add_argument("--ipv6", action="store_true",
+                   help="also install the rules with ip6tables (default: IPv4 only)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the iptables commands, change nothing (default: apply them)")
+    p.add_argument("--clean", action="store_true",
+                   help="remove the capture instead of installing it (default: install)")
 
 
 def _add_envoy_config_parser(sub) -> None:
@@ -375,6 +428,9 @@ def main(argv=None) -> int:
         return run_demo(args)
     if args.command == "envoy-config":
         return cmd_envoy_config(args)
+    if args.command == "iptables":
+        from meshcore.sidecar.iptables import run_command
+        return run_command(args)
     return 2
 
 
