@@ -60,17 +60,22 @@ def log(msg: str, logger: str = "main", level: str = "info") -> None:
 
 
 def _fingerprint(paths: list[str]):
-    """A cheap change detector over the config paths (files and directory entries)."""
+    """A cheap change detector over the config paths (files and directory entries).
+
+    Symlinks are followed and the inode is part of the fingerprint: a Kubernetes ConfigMap volume
+    updates by swapping its `..data` symlink to a new directory, so a file can change while its
+    name, size and even mtime stay the same; its inode never does. An entry vanishing mid-swap
+    changes the fingerprint too, and the next tick sees the settled state."""
     items = []
     for path in paths:
         try:
             if os.path.isdir(path):
                 for name in sorted(os.listdir(path)):
                     st = os.stat(os.path.join(path, name))
-                    items.append((path, name, st.st_mtime_ns, st.st_size))
+                    items.append((path, name, st.st_ino, st.st_mtime_ns, st.st_size))
             else:
                 st = os.stat(path)
-                items.append((path, st.st_mtime_ns, st.st_size))
+                items.append((path, st.st_ino, st.st_mtime_ns, st.st_size))
         except OSError:
             items.append((path, None))
     return tuple(items)
