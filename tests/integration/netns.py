@@ -34,10 +34,11 @@ import sys
 import threading
 import time
 
-__all__ = ["Lab", "Pod", "unavailable", "PYTHON", "REPO"]
+__all__ = ["Lab", "Pod", "unavailable", "PYTHON", "REPO", "TOOLS", "shared_tempdir"]
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 PYTHON = sys.executable
+TOOLS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "netns_tools.py")
 PREFIX = "mctest"
 _NAME = re.compile(rf"^{PREFIX}-(\d+)-")
 
@@ -192,8 +193,15 @@ class Lab:
         """The argv that runs `argv` inside `pod` (as `user`, uid and gid, when given)."""
         prefix = ["ip", "netns", "exec", pod.ns]
         if user is not None:
-            prefix += ["setpriv", f"--reuid={user}", f"--regid={user}", "--clear-groups", "--"]
-        return prefix + list(argv)
+            prefix += ["setpriv", f"--reuid={user}", f"--regid={user}", "--clear-groups"]
+            if not _interpreter_public():
+                # This interpreter lives under a directory only root may enter (pyenv in /root):
+                # let the uid read and search directories, or it could not start Python again
+                # (meshcore spawns its workers with sys.executable). Nothing else changes: the
+                # process is still that uid for iptables' owner match.
+                prefix += ["--inh-caps=+dac_read_search", "--ambient-caps=+dac_read_search"]
+            prefix.append("--")
+        return prefix + [str(a) for a in argv]
 
     def run(self, pod: Pod, argv: list[str], *, user: int | None = None, check: bool = True,
             timeout: float = 30.0, input: str | None = None) -> subprocess.CompletedProcess:
@@ -240,6 +248,23 @@ class Lab:
         return proc
 
 
+    def wait_http(self, pod: Pod, url: str, status: int = 200, timeout: float = 20.0,
+                  process: subprocess.Popen | None = None) -> None:
+        """Poll `url` from inside `pod` until it answers `status` (a proxy's readiness port)."""
+        deadline = time.monotonic() + timeout
+        last = ""
+        while time.monotonic() < deadline:
+            if process is not None and process.poll() is not None:
+                raise RuntimeError(f"exited {process.returncode} before {url} answered: "
+                                   f"{''.join(getattr(process, 'errors', []))}")
+            done = self.run(pod, [PYTHON, TOOLS, "get", url], check=False)
+            last = done.stdout or done.stderr
+            if done.returncode == 0 and done.stdout.startswith(f"{status} "):
+                return
+            time.sleep(0.2)
+        raise TimeoutError(f"in {pod.name}: {url} never answered {status} (last: {last!r})")
+
+
 def _drain(pipe, into: list) -> None:
     try:
         for line in pipe:
@@ -248,8 +273,31 @@ def _drain(pipe, into: list) -> None:
         pass
 
 
+def _interpreter_public() -> bool:
+    """Whether any uid can start this interpreter and read its standard library."""
+    import stat
+    for path in {os.path.realpath(sys.executable), os.path.realpath(sys.base_prefix), REPO}:
+        while True:
+            parent = os.path.dirname(path)
+            if parent == path:
+                break
+            path = parent
+            if not os.stat(path).st_mode & stat.S_IXOTH:
+                return False
+    return True
+
+
 def _env() -> dict:
     env = dict(os.environ)
     env["PYTHONPATH"] = REPO + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     env["PYTHONUNBUFFERED"] = "1"
     return env
+
+
+def shared_tempdir(prefix: str = "mctest-") -> str:
+    """A temporary directory other uids can read (the proxy runs as 1337 in these tests); the
+    caller removes it (shutil.rmtree)."""
+    import tempfile
+    path = tempfile.mkdtemp(prefix=prefix)
+    os.chmod(path, 0o755)
+    return path

@@ -11,6 +11,9 @@ under test).
                            the JSON line
   whoami PORT NAME         accept on 0.0.0.0:PORT; answer "NAME <port> <peer ip>\\n" and close
   connect HOST PORT        connect, print what the server sends until it closes (exit 1 on error)
+  http-server PORT NAME    HTTP/1.1 on 0.0.0.0:PORT: 200, body "NAME <Host header>\n"
+  get URL [NAME:VALUE ...] one GET (urllib); print "<status> <body>" (exit 0 on any HTTP status,
+                           1 when no response came)
 """
 from __future__ import annotations
 
@@ -89,6 +92,44 @@ def cmd_connect(host: str, port: int) -> int:
     return 0
 
 
+def cmd_http_server(port: int, name: str) -> None:
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def do_GET(self):
+            body = f"{name} {self.headers.get('Host', '')}\n".encode()
+            self.send_response(200)
+            self.send_header("content-length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("0.0.0.0", port), Handler)
+    print("ready", flush=True)
+    server.serve_forever()
+
+
+def cmd_get(url: str, headers: list[str]) -> int:
+    import urllib.error
+    import urllib.request
+    req = urllib.request.Request(url, headers=dict(h.split(":", 1) for h in headers))
+    try:
+        with urllib.request.urlopen(req, timeout=TIMEOUT) as r:
+            status, body = r.status, r.read()
+    except urllib.error.HTTPError as e:
+        with e:
+            status, body = e.code, e.read()
+    except OSError as exc:
+        print(f"get {url}: {exc}", file=sys.stderr)
+        return 1
+    sys.stdout.write(f"{status} {body.decode(errors='replace')}")
+    return 0
+
+
 def main(argv: list[str]) -> int:
     cmd = argv[0]
     if cmd == "origdst":
@@ -97,6 +138,10 @@ def main(argv: list[str]) -> int:
         cmd_whoami(int(argv[1]), argv[2])
     elif cmd == "connect":
         return cmd_connect(argv[1], int(argv[2]))
+    elif cmd == "http-server":
+        cmd_http_server(int(argv[1]), argv[2])
+    elif cmd == "get":
+        return cmd_get(argv[1], argv[2:])
     else:
         print(__doc__, file=sys.stderr)
         return 2
