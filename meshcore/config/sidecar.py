@@ -238,7 +238,8 @@ def _listener(address: str, port: int) -> str:
 
 
 def _special_clusters(clusters: dict) -> None:
-    """Istio's PassthroughCluster and BlackHoleCluster (names are Envoy stats prefixes too)."""
+    """Istio's PassthroughCluster, BlackHoleCluster and InboundPassthroughCluster (names are
+    Envoy stats prefixes too)."""
     clusters.setdefault(PASSTHROUGH_CLUSTER, ClusterPolicy(
         name=PASSTHROUGH_CLUSTER, service_host=PASSTHROUGH_CLUSTER, port=ANY_PORT, subset="",
         endpoints=(), connect_timeout=DEFAULT_CONNECT_TIMEOUT, discovery=DISCOVERY_ORIGINAL_DST,
@@ -246,6 +247,12 @@ def _special_clusters(clusters: dict) -> None:
     clusters.setdefault(BLACKHOLE_CLUSTER, ClusterPolicy(
         name=BLACKHOLE_CLUSTER, service_host=BLACKHOLE_CLUSTER, port=ANY_PORT, subset="",
         endpoints=(), discovery=DISCOVERY_STATIC))
+    # inbound to a port no service declares: the app on 127.0.0.1:<that port>
+    # (connection_endpoints(policy, INBOUND_ADDRESS, port))
+    clusters.setdefault(INBOUND_PASSTHROUGH_CLUSTER, ClusterPolicy(
+        name=INBOUND_PASSTHROUGH_CLUSTER, service_host=INBOUND_PASSTHROUGH_CLUSTER, port=ANY_PORT,
+        subset="", endpoints=(), connect_timeout=DEFAULT_CONNECT_TIMEOUT,
+        discovery=DISCOVERY_ORIGINAL_DST, per_request_endpoints=True))
 
 
 def _catch_all(policy: str) -> RoutePolicy:
@@ -283,7 +290,8 @@ def _port_table(entries: list) -> RouteTable:
 def compile_sidecar(services: dict, vhosts: dict, clusters: dict, names, workload, rep,
                     outbound_traffic_policy: str = ALLOW_ANY) -> SidecarTable:
     """Build the SidecarTable; adds Istio's special clusters (PassthroughCluster,
-    BlackHoleCluster, inbound|PORT||) to `clusters`. Conflicts become warnings on `rep`."""
+    BlackHoleCluster, InboundPassthroughCluster, inbound|PORT||) to `clusters`. Conflicts become
+    warnings on `rep`."""
     if outbound_traffic_policy not in OUTBOUND_TRAFFIC_POLICIES:
         raise ValueError(f"outbound traffic policy must be one of "
                          f"{', '.join(OUTBOUND_TRAFFIC_POLICIES)}, got {outbound_traffic_policy!r}")

@@ -2,8 +2,8 @@
 and iptables needs a network namespace of its own).
 
     with Lab() as lab:
-        client = lab.add_pod("client")            # 10.213.<n>.2, default route via the bridge
-        server = lab.add_pod("server")            # 10.213.<n>.3
+        client = lab.add_pod("client")            # 10.213.<n>.2 and fd00:213:<n>::2, default
+        server = lab.add_pod("server")            # routes via the bridge; 10.213.<n>.3 ...
         lab.run(client, ["python", "-m", "meshcore", "iptables"])
         proc = lab.spawn(server, [...])           # killed when the lab closes
         lab.run(client, [...], user=1337)         # as the proxy's uid (setpriv)
@@ -95,10 +95,11 @@ def _kill_ns_processes(ns: str) -> None:
 class Pod:
     """One network namespace with `eth0` on the lab's bridge."""
 
-    def __init__(self, name: str, ns: str, ip: str):
+    def __init__(self, name: str, ns: str, ip: str, ip6: str = ""):
         self.name = name
         self.ns = ns
         self.ip = ip
+        self.ip6 = ip6
 
     def __repr__(self) -> str:
         return f"<Pod {self.name} {self.ip} netns {self.ns}>"
@@ -110,6 +111,8 @@ class Lab:
         octet = third_octet if third_octet is not None else random.randrange(1, 250)
         self.net = f"10.213.{octet}"
         self.gateway = f"{self.net}.1"
+        self.net6 = f"fd00:213:{octet:x}"  # IPv6 twin: fd00:213:<octet>::<index>/64
+        self.gateway6 = f"{self.net6}::1"
         self.switch = f"{self.tag}-sw"
         self.pods: dict[str, Pod] = {}
         self.namespaces: list[str] = []
@@ -123,6 +126,7 @@ class Lab:
             self._add_ns(self.switch)
             self._in(self.switch, "link", "add", "br0", "type", "bridge")
             self._in(self.switch, "addr", "add", f"{self.gateway}/24", "dev", "br0")
+            self._in(self.switch, "addr", "add", f"{self.gateway6}/64", "dev", "br0", "nodad")
             self._in(self.switch, "link", "set", "br0", "up")
         except BaseException:
             self.close()
@@ -176,9 +180,12 @@ class Lab:
         self._in(self.switch, "link", "set", port, "master", "br0")
         self._in(self.switch, "link", "set", port, "up")
         self._in(ns, "addr", "add", f"{ip}/24", "dev", "eth0")
+        ip6 = f"{self.net6}::{index:x}"
+        self._in(ns, "addr", "add", f"{ip6}/64", "dev", "eth0", "nodad")  # usable at once
         self._in(ns, "link", "set", "eth0", "up")
         self._in(ns, "route", "add", "default", "via", self.gateway)
-        pod = Pod(name, ns, ip)
+        self._in(ns, "-6", "route", "add", "default", "via", self.gateway6)
+        pod = Pod(name, ns, ip, ip6)
         self.pods[name] = pod
         return pod
 

@@ -4,12 +4,14 @@ Each prints `ready` on stdout once listening, then serves until killed. Plain so
 threads: independent of meshcore's data path (only meshcore.sidecar.origdst is used, the helper
 under test).
 
-  origdst PORT [--relay]   accept on 0.0.0.0:PORT; per connection answer one JSON line
+  origdst PORT [--relay] [--dual]
+                           accept on 0.0.0.0:PORT (--dual: [::]:PORT, IPv4 too); per connection answer one JSON line
                            {"orig": [ip, port] | null, "peer": [ip, port], "uid": N} where orig is
                            SO_ORIGINAL_DST; with --relay, instead connect to the original
                            destination (as this process's uid) and relay its answer, prefixed by
                            the JSON line
-  whoami PORT NAME         accept on 0.0.0.0:PORT; answer "NAME <port> <peer ip>\\n" and close
+  whoami PORT NAME [--dual]
+                           accept on 0.0.0.0:PORT (--dual: [::]:PORT, IPv4 too); answer "NAME <port> <peer ip>\\n" and close
   connect HOST PORT        connect, print what the server sends until it closes (exit 1 on error)
   http-server PORT NAME    HTTP/1.1 on 0.0.0.0:PORT: 200, body "NAME <Host header>\n"
   get URL [NAME:VALUE ...] one GET (urllib); print "<status> <body>" (exit 0 on any HTTP status,
@@ -30,10 +32,13 @@ from meshcore.sidecar.origdst import original_dst  # noqa: E402
 TIMEOUT = 5.0
 
 
-def _listen(port: int) -> socket.socket:
-    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+def _listen(port: int, dual: bool = False) -> socket.socket:
+    """0.0.0.0:PORT, or with `dual` [::]:PORT taking IPv4 too (as IPv4-mapped addresses)."""
+    s = socket.socket(socket.AF_INET6 if dual else socket.AF_INET, socket.SOCK_STREAM)
     s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    s.bind(("0.0.0.0", port))
+    if dual:
+        s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+    s.bind(("::" if dual else "0.0.0.0", port))
     s.listen(64)
     print("ready", flush=True)
     return s
@@ -63,7 +68,7 @@ def _read_all(sock: socket.socket) -> bytes:
         out += chunk
 
 
-def cmd_origdst(port: int, relay: bool) -> None:
+def cmd_origdst(port: int, relay: bool, dual: bool = False) -> None:
     def handle(conn, peer):
         orig = original_dst(conn)
         line = json.dumps({"orig": list(orig) if orig else None, "peer": list(peer[:2]),
@@ -73,13 +78,13 @@ def cmd_origdst(port: int, relay: bool) -> None:
         if relay and orig is not None:
             with socket.create_connection(orig, timeout=TIMEOUT) as up:
                 conn.sendall(_read_all(up))
-    _serve(_listen(port), handle)
+    _serve(_listen(port, dual), handle)
 
 
-def cmd_whoami(port: int, name: str) -> None:
+def cmd_whoami(port: int, name: str, dual: bool = False) -> None:
     def handle(conn, peer):
         conn.sendall(f"{name} {conn.getsockname()[1]} {peer[0]}\n".encode())
-    _serve(_listen(port), handle)
+    _serve(_listen(port, dual), handle)
 
 
 def cmd_connect(host: str, port: int) -> int:
@@ -133,9 +138,9 @@ def cmd_get(url: str, headers: list[str]) -> int:
 def main(argv: list[str]) -> int:
     cmd = argv[0]
     if cmd == "origdst":
-        cmd_origdst(int(argv[1]), "--relay" in argv[2:])
+        cmd_origdst(int(argv[1]), "--relay" in argv[2:], "--dual" in argv[2:])
     elif cmd == "whoami":
-        cmd_whoami(int(argv[1]), argv[2])
+        cmd_whoami(int(argv[1]), argv[2], "--dual" in argv[3:])
     elif cmd == "connect":
         return cmd_connect(argv[1], int(argv[2]))
     elif cmd == "http-server":

@@ -189,3 +189,23 @@ def test_dry_run_changes_nothing(lab, pods):
     out = iptables(lab, client, "--dry-run")
     assert "iptables -t nat -A ISTIO_REDIRECT -p tcp -j REDIRECT --to-ports 15001" in out
     assert nat(lab, client) == pristine
+
+
+def test_ipv6_capture_and_its_original_destination(lab):
+    client = lab.add_pod("client")
+    server = lab.add_pod("server")
+    lab.spawn(server, tool("whoami", 8080, "server", "--dual"))
+    iptables(lab, client, "--ipv6")
+    assert any("ISTIO_OUTPUT" in line for line in
+               lab.run(client, ["ip6tables", "-w", "-t", "nat", "-S"]).stdout.splitlines())
+    # one dual-stack listener, as a proxy on [::]:15001 would be
+    lab.spawn(client, tool("origdst", 15001, "--dual"))
+    seen = first_json(connect(lab, client, server.ip6, 8080, user=APP_UID))
+    assert seen["orig"] == [server.ip6, 8080]  # IP6T_SO_ORIGINAL_DST
+    seen = first_json(connect(lab, client, server.ip, 8080, user=APP_UID))
+    assert seen["orig"] == [server.ip, 8080]  # an IPv4 client on the IPv6 socket: SO_ORIGINAL_DST
+    # the proxy's uid is exempt over IPv6 too
+    assert connect(lab, client, server.ip6, 8080, user=PROXY_UID) == f"server 8080 {client.ip6}\n"
+    iptables(lab, client, "--ipv6", "--clean")
+    assert not any("ISTIO" in line for line in
+                   lab.run(client, ["ip6tables", "-w", "-t", "nat", "-S"]).stdout.splitlines())

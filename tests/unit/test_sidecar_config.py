@@ -205,6 +205,8 @@ def test_special_clusters_exist_for_stats_and_endpoints(bookinfo):
     assert [e.key for e in connection_endpoints(passthrough, "203.0.113.9", 443)] == ["203.0.113.9:443"]
     assert [e.key for e in connection_endpoints(passthrough, "fd00::9", 443)] == ["[fd00::9]:443"]
     assert bookinfo.clusters[BLACKHOLE_CLUSTER].endpoints == ()
+    inbound = bookinfo.clusters[INBOUND_PASSTHROUGH_CLUSTER]
+    assert [e.key for e in connection_endpoints(inbound, "127.0.0.1", 7070)] == ["127.0.0.1:7070"]
 
 
 def test_explicit_mode_is_unchanged():
@@ -232,7 +234,8 @@ def test_explicit_mode_compiles_the_same_vhosts_and_clusters_with_and_without_si
         assert side.vhosts.keys() == plain.vhosts.keys(), folder
         for name, policy in plain.clusters.items():
             assert side.clusters[name] == policy, (folder, name)
-        assert set(side.clusters) - set(plain.clusters) == {PASSTHROUGH_CLUSTER, BLACKHOLE_CLUSTER}
+        assert set(side.clusters) - set(plain.clusters) == {PASSTHROUGH_CLUSTER, BLACKHOLE_CLUSTER,
+                                                            INBOUND_PASSTHROUGH_CLUSTER}
         assert side.warnings == plain.warnings
 
 
