@@ -6,6 +6,10 @@ Endpoints (`/help` lists them): `/ready`, `/stats` (filter=, usedonly, format=js
 405 "Method GET not allowed, POST required."): `/healthcheck/fail`, `/healthcheck/ok`,
 `/logging`, `/quitquitquit`, `/reset_counters`.
 
+The health port (Istio's 15021, `run --sidecar`) answers only `GET /healthz/ready`: 200 once every
+worker serves, 503 (with the state) before that and while draining or after
+POST /healthcheck/fail; a pod's readinessProbe points there, as at Istio's pilot-agent.
+
 The Prometheus port (Istio's 15090) is a second listener that answers only
 `GET /stats/prometheus`, so it can face the network while the admin port stays on loopback: the
 CLI refuses a non-loopback admin address unless explicitly allowed.
@@ -30,12 +34,13 @@ from meshcore.metrics.prometheus import CONTENT_TYPE as PROMETHEUS_TYPE
 from meshcore.proto.wire import parse_request
 from meshcore.stats_render import render_clusters_json, render_clusters_text
 
-__all__ = ["is_loopback", "handle", "handle_prometheus", "serve_admin", "serve_prometheus",
-           "ENDPOINTS", "LOG_LEVELS"]
+__all__ = ["is_loopback", "handle", "handle_prometheus", "handle_health", "serve_admin",
+           "serve_prometheus", "serve_health", "ENDPOINTS", "LOG_LEVELS", "READY_PATH"]
 
 JSON = b"application/json"
 TEXT = b"text/plain; charset=UTF-8"
 LOG_LEVELS = ("trace", "debug", "info", "warning", "error", "critical", "off")
+READY_PATH = b"/healthz/ready"  # Istio's sidecar readiness probe path (pilot-agent, port 15021)
 
 # path -> (POST only, help text, parameter help)
 ENDPOINTS = {
@@ -187,6 +192,19 @@ def handle_prometheus(supervisor, method: bytes, target: bytes) -> bytes:
     return handle(supervisor, method, target)
 
 
+def handle_health(supervisor, method: bytes, target: bytes) -> bytes:
+    """The health port: `/healthz/ready` only, from the supervisor's readiness()."""
+    path = target.partition(b"?")[0]
+    if path != READY_PATH:
+        return _response(404, b"not found\n")
+    if method not in (b"GET", b"HEAD"):
+        return _response(405, b"Method %s not allowed.\n" % method)
+    ready, state = supervisor.readiness()
+    if ready:
+        return _response(200, b"", head_only=method == b"HEAD")
+    return _response(503, f"not ready: {state}\n".encode(), head_only=method == b"HEAD")
+
+
 async def _serve(handler, supervisor, address, task_status) -> None:
     host, port = address
 
@@ -220,3 +238,7 @@ async def serve_admin(supervisor, address, task_status=trio.TASK_STATUS_IGNORED)
 
 async def serve_prometheus(supervisor, address, task_status=trio.TASK_STATUS_IGNORED) -> None:
     await _serve(handle_prometheus, supervisor, address, task_status)
+
+
+async def serve_health(supervisor, address, task_status=trio.TASK_STATUS_IGNORED) -> None:
+    await _serve(handle_health, supervisor, address, task_status)

@@ -1,5 +1,5 @@
-"""Command line: `python -m meshcore run|check|demo|bench|replay|top` (also installed as
-`meshcore`)."""
+"""Command line: `python -m meshcore run|check|demo|bench|replay|top|envoy-config|iptables`
+(also installed as `meshcore`)."""
 from __future__ import annotations
 
 import argparse
@@ -98,6 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="treat every warning as an error, for CI (default: warnings only "
                             "print)")
     _add_workload_flags(check)
+    _add_policy_flags(check)
 
     demo = sub.add_parser(
         "demo", help="the seed article's scenarios: pods, proxy and the article's commands",
@@ -113,7 +114,60 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("top", help="live per-cluster and per-endpoint view of a running proxy "
                                "(`top --help` lists its flags)", add_help=False)
     _add_envoy_config_parser(sub)
+    _add_iptables_parser(sub)
     return parser
+
+
+def _uid(text: str) -> int:
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"expected a numeric uid/gid, got {text!r}")
+    return int(text)
+
+
+def _port(text: str) -> int:
+    if not text.isdigit() or not 1 <= int(text) <= 65535:
+        raise argparse.ArgumentTypeError(f"expected a port number 1-65535, got {text!r}")
+    return int(text)
+
+
+def _add_iptables_parser(sub) -> None:
+    p = sub.add_parser(
+        "iptables", help="install Istio's capture rules (istio-iptables) in this network namespace",
+        description="Redirect the pod's TCP to the sidecar as istio-iptables does (chains "
+                    "ISTIO_OUTPUT, ISTIO_REDIRECT, ISTIO_IN_REDIRECT, ISTIO_INBOUND in the nat "
+                    "table): outbound to --outbound-port except the proxy's uid/gid and "
+                    "loopback, inbound to --inbound-port. Needs root or NET_ADMIN+NET_RAW (an "
+                    "init container). Idempotent: a previous capture is removed first. Ports "
+                    "15000, 15001, 15006, 15021, 15090 are never captured inbound.")
+    p.add_argument("--proxy-uid", type=_uid, default=1337, metavar="UID",
+                   help="the proxy's uid: its connections are not captured (default 1337)")
+    p.add_argument("--proxy-gid", type=_uid, default=None, metavar="GID",
+                   help="the proxy's gid: its connections are not captured either (default: the "
+                        "proxy uid)")
+    p.add_argument("--outbound-port", type=_port, default=15001, metavar="PORT",
+                   help="where outbound TCP is redirected: the sidecar's outbound listener "
+                        "(default 15001)")
+    p.add_argument("--inbound-port", type=_port, default=15006, metavar="PORT",
+                   help="where inbound TCP is redirected: the sidecar's inbound listener "
+                        "(default 15006)")
+    p.add_argument("--include-inbound-ports", default="*", metavar="PORTS",
+                   help="inbound ports to capture: comma-separated, '*' for all, '' for none "
+                        "(default '*')")
+    p.add_argument("--exclude-inbound-ports", default="", metavar="PORTS",
+                   help="inbound ports never captured, comma-separated, added to 15000, 15001, "
+                        "15006, 15021, 15090 (default: none)")
+    p.add_argument("--exclude-outbound-ports", default="", metavar="PORTS",
+                   help="destination ports never captured outbound, comma-separated (default: "
+                        "none)")
+    p.add_argument("--exclude-outbound-cidrs", default="", metavar="CIDRS",
+                   help="destination addresses/CIDRs never captured outbound, comma-separated "
+                        "(default: none)")
+    p.add_argument("--ipv6", action="store_true",
+                   help="also install the rules with ip6tables (default: IPv4 only)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the iptables commands, change nothing (default: apply them)")
+    p.add_argument("--clean", action="store_true",
+                   help="remove the capture instead of installing it (default: install)")
 
 
 def _add_envoy_config_parser(sub) -> None:
@@ -171,13 +225,59 @@ def _add_workload_flags(p) -> None:
 
 
 def _workload_options(args) -> dict:
-    return {"namespace": args.namespace, "labels": args.labels, "locality": args.locality}
+    """Who this proxy is, and how its config compiles (compile_sources keyword arguments)."""
+    return {"namespace": args.namespace, "labels": args.labels, "locality": args.locality,
+            "sidecar": getattr(args, "sidecar", False),
+            "outbound_traffic_policy": getattr(args, "outbound_traffic_policy", "ALLOW_ANY")}
+
+
+_DEFAULT = object()  # a flag left at its default (argparse converts only string defaults)
+SIDECAR_INBOUND = ("0.0.0.0", 15006)
+SIDECAR_OUTBOUND = ("0.0.0.0", 15001)
+SIDECAR_HEALTH = ("0.0.0.0", 15021)
+EXPLICIT_LISTEN = ("127.0.0.1", 15001)
+
+
+def _add_policy_flags(p) -> None:
+    p.add_argument("--sidecar", action="store_true",
+                   help="run as a pod's sidecar behind `meshcore iptables`: route each captured "
+                        "connection by its original destination (service address and port) and "
+                        "serve the inbound side (default: off, an explicit proxy on --listen)")
+    p.add_argument("--outbound-traffic-policy", choices=("ALLOW_ANY", "REGISTRY_ONLY"),
+                   default="ALLOW_ANY",
+                   help="with --sidecar, where a destination outside the registry goes: "
+                        "ALLOW_ANY passes it through to its original address, REGISTRY_ONLY "
+                        "answers 502 (HTTP) or closes (TCP), as Istio's outboundTrafficPolicy "
+                        "(default ALLOW_ANY)")
+
+
+def _add_sidecar_flags(p) -> None:
+    _add_policy_flags(p)
+    p.add_argument("--inbound-listen", type=_hostport, default=None, metavar="HOST:PORT",
+                   help="with --sidecar, where captured inbound connections arrive (default "
+                        "0.0.0.0:15006)")
+    p.add_argument("--health", type=_optional_hostport, default=_DEFAULT, metavar="HOST:PORT|off",
+                   help="serve the readiness probe GET /healthz/ready here (200 once every "
+                        "worker serves, 503 before and while draining) (default: 0.0.0.0:15021 "
+                        "with --sidecar, else off)")
+
+
+def sidecar_addresses(args) -> tuple:
+    """(listen, inbound, health) after the --sidecar defaults; inbound is None without it."""
+    listen = args.listen or (SIDECAR_OUTBOUND if args.sidecar else EXPLICIT_LISTEN)
+    inbound = (args.inbound_listen or SIDECAR_INBOUND) if args.sidecar else None
+    if args.health is _DEFAULT:
+        health = SIDECAR_HEALTH if args.sidecar else None
+    else:
+        health = args.health  # None: --health off
+    return listen, inbound, health
 
 
 def _add_run_flags(p) -> None:
     p.add_argument("--config", action="append", required=True, default=None, metavar="FILE",
                    help="Istio YAML/JSON file or directory of them; repeatable (required)")
-    _add_address_flags(p)
+    _add_address_flags(p, run=True)
+    _add_sidecar_flags(p)
     p.add_argument("--no-access-log", action="store_true",
                    help="turn the access log off (default: on, Istio's text format on stdout)")
     p.add_argument("--drain-grace", type=float, default=5.0, metavar="SECONDS",
@@ -224,10 +324,16 @@ def _add_observability_flags(p) -> None:
                         "json encoding, Istio's JSON fields)")
 
 
-def _add_address_flags(p) -> None:
-    p.add_argument("--listen", type=_hostport, default=("127.0.0.1", 15001), metavar="HOST:PORT",
-                   help="where the proxy listens; each worker binds it with SO_REUSEPORT "
-                        "(default 127.0.0.1:15001)")
+def _add_address_flags(p, run: bool = False) -> None:
+    if run:  # the default depends on --sidecar (resolved in cmd_run)
+        p.add_argument("--listen", type=_hostport, default=None, metavar="HOST:PORT",
+                       help="where the proxy listens (with --sidecar: the outbound listener the "
+                            "capture redirects to); each worker binds it with SO_REUSEPORT "
+                            "(default 127.0.0.1:15001; 0.0.0.0:15001 with --sidecar)")
+    else:
+        p.add_argument("--listen", type=_hostport, default=("127.0.0.1", 15001), metavar="HOST:PORT",
+                       help="where the proxy listens; each worker binds it with SO_REUSEPORT "
+                            "(default 127.0.0.1:15001)")
     p.add_argument("--admin", type=_hostport, default=("127.0.0.1", 15000), metavar="HOST:PORT",
                    help="admin address (Envoy's admin endpoints; /help lists them) "
                         "(default 127.0.0.1:15000)")
@@ -309,14 +415,26 @@ def cmd_run(args) -> int:
         print(f"meshcore: refusing admin address {args.admin[0]}: not loopback "
               "(pass --admin-unsafe to allow)", file=sys.stderr)
         return 2
+    listen, inbound, health = sidecar_addresses(args)
+    if args.inbound_listen is not None and not args.sidecar:
+        print("meshcore: --inbound-listen needs --sidecar", file=sys.stderr)
+        return 2
+    if args.sidecar and inbound == listen:
+        print(f"meshcore: the inbound listener {inbound[0]}:{inbound[1]} must differ from "
+              "--listen", file=sys.stderr)
+        return 2
     options = {"access_log": not args.no_access_log, "use_remote_address": args.use_remote_address,
                "request_headers_timeout": args.request_headers_timeout,
-               "dns_refresh_rate": args.dns_refresh_rate, "workload": _workload_options(args)}
+               "dns_refresh_rate": args.dns_refresh_rate, "workload": _workload_options(args),
+               "health": health,
+               "sidecar": ({"inbound_listen": inbound,
+                            "outbound_traffic_policy": args.outbound_traffic_policy}
+                           if args.sidecar else None)}
     problem = _observability_options(args, options)
     if problem:
         print(f"meshcore: {problem}", file=sys.stderr)
         return 2
-    sup = Supervisor(args.config, args.listen, args.admin, args.workers, options,
+    sup = Supervisor(args.config, listen, args.admin, args.workers, options,
                      grace=args.drain_grace, watch=not args.no_watch)
     return sup.run()
 
@@ -375,6 +493,9 @@ def main(argv=None) -> int:
         return run_demo(args)
     if args.command == "envoy-config":
         return cmd_envoy_config(args)
+    if args.command == "iptables":
+        from meshcore.sidecar.iptables import run_command
+        return run_command(args)
     return 2
 
 

@@ -20,7 +20,7 @@ import time
 import trio
 
 from meshcore import __version__
-from meshcore.admin import LOG_LEVELS, serve_admin, serve_prometheus
+from meshcore.admin import LOG_LEVELS, serve_admin, serve_health, serve_prometheus
 from meshcore.config.compile import compile_sources
 from meshcore.config.dns import DEFAULT_REFRESH_RATE, DnsCache
 from meshcore.config.load import read_sources
@@ -60,17 +60,22 @@ def log(msg: str, logger: str = "main", level: str = "info") -> None:
 
 
 def _fingerprint(paths: list[str]):
-    """A cheap change detector over the config paths (files and directory entries)."""
+    """A cheap change detector over the config paths (files and directory entries).
+
+    Symlinks are followed and the inode is part of the fingerprint: a Kubernetes ConfigMap volume
+    updates by swapping its `..data` symlink to a new directory, so a file can change while its
+    name, size and even mtime stay the same; its inode never does. An entry vanishing mid-swap
+    changes the fingerprint too, and the next tick sees the settled state."""
     items = []
     for path in paths:
         try:
             if os.path.isdir(path):
                 for name in sorted(os.listdir(path)):
                     st = os.stat(os.path.join(path, name))
-                    items.append((path, name, st.st_mtime_ns, st.st_size))
+                    items.append((path, name, st.st_ino, st.st_mtime_ns, st.st_size))
             else:
                 st = os.stat(path)
-                items.append((path, st.st_mtime_ns, st.st_size))
+                items.append((path, st.st_ino, st.st_mtime_ns, st.st_size))
         except OSError:
             items.append((path, None))
     return tuple(items)
@@ -108,6 +113,8 @@ class Supervisor:
         self.reloads_rejected = 0
         # observability (admin, Prometheus)
         self.prometheus_address = options.get("prometheus")
+        self.health_address = options.get("health")  # Istio's 15021 readiness port, or None
+        self.sidecar = options.get("sidecar")  # run --sidecar: {"inbound_listen", ...} or None
         self.source = options.get("source") or source_identity(environ=os.environ)
         self.argv = list(options.get("argv") or sys.argv)
         self.registry = DestinationRegistry()
@@ -217,6 +224,8 @@ class Supervisor:
         async with trio.open_nursery() as nursery:
             await nursery.start(self._signals)
             await nursery.start(serve_admin, self, self.admin)
+            if self.health_address is not None:
+                await nursery.start(serve_health, self, self.health_address)
             if self.prometheus_address is not None:
                 try:
                     await nursery.start(serve_prometheus, self, self.prometheus_address)
@@ -260,7 +269,14 @@ class Supervisor:
         if self.prometheus_address is not None:
             prom = (f" prometheus on http://{self.prometheus_address[0]}:"
                     f"{self.prometheus_address[1]}/stats/prometheus")
-        log(f"{len(self.workers)} worker(s) ready; proxy on http://{host}:{port} "
+        side = ""
+        if self.sidecar is not None:
+            ih, ip = self.sidecar["inbound_listen"]
+            side = (f" (sidecar: inbound {ih}:{ip}, outbound traffic policy "
+                    f"{self.sidecar['outbound_traffic_policy']})")
+        if self.health_address is not None:
+            prom += f" readiness on http://{self.health_address[0]}:{self.health_address[1]}/healthz/ready"
+        log(f"{len(self.workers)} worker(s) ready; proxy on http://{host}:{port}{side} "
             f"admin on http://{self.admin[0]}:{self.admin[1]}{prom}")
 
     def _spawn(self, slot: WorkerSlot) -> None:
@@ -514,6 +530,13 @@ class Supervisor:
                 "admin": f"{self.admin[0]}:{self.admin[1]}",
                 "prometheus": (f"{self.prometheus_address[0]}:{self.prometheus_address[1]}"
                                if self.prometheus_address else None),
+                "health": (f"{self.health_address[0]}:{self.health_address[1]}"
+                           if self.health_address else None),
+                "sidecar": self.sidecar is not None,
+                "inbound": ("{0}:{1}".format(*self.sidecar["inbound_listen"])
+                            if self.sidecar is not None else None),
+                "outbound_traffic_policy": (self.sidecar["outbound_traffic_policy"]
+                                            if self.sidecar is not None else None),
                 "concurrency": len(self.workers),
                 "drain_time": f"{self.grace:g}s",
             },

@@ -47,6 +47,8 @@ def worker_main(conn, index: int, segment_name: str, listen: tuple[str, int], sn
                    use_remote_address=options.get("use_remote_address", False),
                    header_timeout=options.get("request_headers_timeout", 10.0),
                    max_events=MAX_EVENTS,
+                   # run --sidecar: plain values for the data path (meshcore.config.sidecar)
+                   **_sidecar_arguments(options.get("sidecar")),
                    # MESHCORE_METRICS=off: a developer aid to measure what recording costs
                    metrics=os.environ.get("MESHCORE_METRICS") != "off")
     dp.loop.add_listener(listener)
@@ -63,6 +65,15 @@ def worker_main(conn, index: int, segment_name: str, listen: tuple[str, int], sn
         pass
     finally:
         dp.close()
+
+
+def _sidecar_arguments(sidecar: dict | None) -> dict:
+    """Dataplane's sidecar-mode arguments from the supervisor's options["sidecar"] (None: explicit
+    mode)."""
+    if not sidecar:
+        return {"sidecar": False}
+    return {"sidecar": True, "inbound_listen": sidecar["inbound_listen"],
+            "outbound_traffic_policy": sidecar["outbound_traffic_policy"]}
 
 
 async def serve(dp, conn) -> None:

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Create .venv (if needed) and install meshcore editable with its test and bench extras; the Cython
 # extensions in ext/ are compiled in place as meshcore/_ext/*.so. Safe to re-run.
-# As root, also installs Debian's `prometheus` (the observability test scrapes meshcore with it).
+# As root, also installs Debian's `prometheus` (the observability test scrapes meshcore with it)
+# and `iptables` (the sidecar tests install capture rules in network namespaces they create).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -27,6 +28,23 @@ install_prometheus() {
   if [ "$added" = 1 ]; then rm -f "$policy"; fi
 }
 install_prometheus
+
+install_iptables() {
+  # `meshcore iptables` runs the iptables binary; the sidecar tests run it inside network
+  # namespaces they create (tests/integration/netns.py). A fresh machine has `ip` but not this.
+  command -v iptables >/dev/null 2>&1 && return 0
+  if [ "$(id -u)" != 0 ] || ! command -v apt-get >/dev/null 2>&1; then
+    echo "meshcore: iptables is not installed (apt-get install iptables); the network-namespace" \
+         "sidecar tests need it and root" >&2
+    return 0
+  fi
+  if ! { DEBIAN_FRONTEND=noninteractive apt-get update -qq \
+         && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+              iptables >/dev/null; }; then
+    echo "meshcore: installing iptables failed; the network-namespace tests will fail in CI" >&2
+  fi
+}
+install_iptables
 PYTHON=${PYTHON:-python3}
 if [ ! -x .venv/bin/python ]; then
   "$PYTHON" -m venv .venv

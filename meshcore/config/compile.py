@@ -811,7 +811,8 @@ def _combine(docs: list[_Doc], rep: _Report) -> list[_Doc]:
 
 def compile_sources(sources: dict[str, bytes], generation: int = 0, *, resolver: Resolver | None = None,
                     namespace: str = "default", labels: dict | None = None, locality: str = "",
-                    dns: DnsCache | None = None) -> Snapshot:
+                    dns: DnsCache | None = None, sidecar: bool = False,
+                    outbound_traffic_policy: str = "ALLOW_ANY") -> Snapshot:
     """Decode, validate and compile Istio config into a Snapshot.
 
     `sources`: display name -> file content (see `meshcore.config.load.read_sources`); files ending
@@ -820,7 +821,10 @@ def compile_sources(sources: dict[str, bytes], generation: int = 0, *, resolver:
     (`--labels`, for sourceLabels and DestinationRule workloadSelector); `locality`: this proxy's
     `region/zone/subzone` (`--locality`). `dns`: the DnsCache that resolves `resolution: DNS`
     names (default: a fresh one over `resolver(name, port) -> [ip, ...]`, itself defaulting to
-    socket.getaddrinfo).
+    socket.getaddrinfo). `sidecar`: also compile what a captured connection needs
+    (`Snapshot.sidecar`, meshcore.config.sidecar: TCP ports, service addresses, per-port route
+    tables, inbound ports, Istio's PassthroughCluster/BlackHoleCluster/inbound clusters) under
+    `outbound_traffic_policy` (ALLOW_ANY or REGISTRY_ONLY).
 
     Error handling: raises ConfigError listing every problem found; warnings (unimplemented fields,
     empty clusters, skipped documents) go to `Snapshot.warnings`.
@@ -859,7 +863,7 @@ def compile_sources(sources: dict[str, bytes], generation: int = 0, *, resolver:
         return dns.lookup(name, port)
 
     services, names = compile_service_entries(by_kind["ServiceEntry"], by_kind["WorkloadEntry"], rep,
-                                              lookup, workload.namespace)
+                                              lookup, workload.namespace, sidecar=sidecar)
     drs = _compile_destination_rules(by_kind["DestinationRule"], rep, names, workload)
     bound = compile_virtual_services(by_kind["VirtualService"], rep, workload)
     # A VirtualService host naming a short ServiceEntry host's Kubernetes name binds that service.
@@ -872,7 +876,7 @@ def compile_sources(sources: dict[str, bytes], generation: int = 0, *, resolver:
     clusters: dict[str, ClusterPolicy] = {}
     for host, svc in services.items():
         dr = drs.lookup(host, svc.namespace)
-        for number in svc.port_numbers:
+        for number in svc.port_numbers + list(svc.tcp_ports):
             eps = svc.endpoints.get(number, [])
             name = f"outbound|{number}||{host}"
             clusters[name] = _cluster(name, host, number, "", eps, dr, None, svc.discovery, locality)
@@ -898,7 +902,7 @@ def compile_sources(sources: dict[str, bytes], generation: int = 0, *, resolver:
             dport = dest.port.number
         elif svc is not None and len(svc.ports) == 1:
             dport = next(iter(svc.ports))
-        elif svc is not None and not svc.ports:
+        elif svc is not None and not svc.ports and not svc.tcp_ports:
             dport = ANY_PORT
         else:
             dport = vport
@@ -915,7 +919,7 @@ def compile_sources(sources: dict[str, bytes], generation: int = 0, *, resolver:
                 hint = f" (Istio does not expand {dhost!r}; did you mean {dhost}.{DOMAIN_SUFFIX}?)"
             rep.warn(vs_label, f"{dpath}.destination.host",
                      f"host {dhost!r} has no ServiceEntry; cluster {cname} has no endpoints{hint}")
-        elif dport not in svc.ports and svc.ports:
+        elif dport not in svc.ports and (svc.ports or svc.tcp_ports):
             rep.warn(vs_label, f"{dpath}.destination.port",
                      f"service {dhost!r} has no port {dport}; cluster {cname} has no endpoints")
         elif subset and sub is None:
@@ -923,7 +927,7 @@ def compile_sources(sources: dict[str, bytes], generation: int = 0, *, resolver:
                      f"subset {subset!r} is not defined by a DestinationRule for {dhost!r}; cluster {cname} has no endpoints")
         eps = ()
         discovery = DISCOVERY_STATIC
-        if svc is not None and (dport in svc.ports or not svc.ports):
+        if svc is not None and (dport in svc.ports or not (svc.ports or svc.tcp_ports)):
             eps = svc.endpoints.get(dport, [])
             discovery = svc.discovery
             if subset and sub is not None:
@@ -969,6 +973,11 @@ def compile_sources(sources: dict[str, bytes], generation: int = 0, *, resolver:
     for host, vh in bare.items():
         vhosts.setdefault(host, vh)
     _add_alt_domains(vhosts, services, names, workload.namespace)
+    sidecar_table = None
+    if sidecar:
+        from meshcore.config.sidecar import compile_sidecar
+        sidecar_table = compile_sidecar(services, vhosts, clusters, names, workload, rep,
+                                        outbound_traffic_policy)
 
     return Snapshot(
         generation=generation,
@@ -978,6 +987,7 @@ def compile_sources(sources: dict[str, bytes], generation: int = 0, *, resolver:
         warnings=tuple(rep.sorted_warnings()),
         route_table=RouteTable.from_vhosts(vhosts),
         dns_names=tuple(dict.fromkeys(dns_names)),
+        sidecar=sidecar_table,
     )
 
 

@@ -7,14 +7,21 @@ meshcore as its HTTP proxy) the original destination is the authority the reques
 host of its Host header (or absolute-form target), on the port given there or, without one, the
 service port the request was routed by (80 for a bare host).
 
+In sidecar mode a captured connection carries its original destination (SO_ORIGINAL_DST):
+`connection_endpoints` gives an original-destination cluster (resolution NONE, loadBalancer
+PASSTHROUGH, Istio's PassthroughCluster) that address, and an every-port service its endpoints on
+the original port, without looking at the request.
+
 Pure functions; the I/O shell resolves a host name (never here) before it connects.
 """
 from __future__ import annotations
 
-from meshcore.config.policy import ANY_PORT, PER_REQUEST_DISCOVERY, ClusterPolicy, Endpoint
+from meshcore.config.policy import (ANY_PORT, DISCOVERY_ORIGINAL_DST, PER_REQUEST_DISCOVERY,
+                                    ClusterPolicy, Endpoint)
 from meshcore.routing.table import split_authority
 
-__all__ = ["needs_request_target", "request_target", "request_endpoints", "DEFAULT_PORT"]
+__all__ = ["needs_request_target", "request_target", "request_endpoints", "connection_endpoints",
+           "DEFAULT_PORT"]
 
 DEFAULT_PORT = 80  # a Host without a port is routed as port 80 (meshcore.routing.table)
 
@@ -67,4 +74,20 @@ def request_endpoints(policy: ClusterPolicy, authority: bytes | None,
         port = int(p) if p is not None and 0 < int(p) < 65536 else DEFAULT_PORT
         return tuple(Endpoint(e.address, port, e.weight, e.labels, _key(e.address, port), e.locality)
                      for e in policy.endpoints)
+    return policy.endpoints
+
+
+def connection_endpoints(policy: ClusterPolicy, orig_ip: str, orig_port: int) -> tuple[Endpoint, ...]:
+    """Sidecar mode: the endpoints for a connection captured to `orig_ip:orig_port`.
+
+    Original destination (DISCOVERY_ORIGINAL_DST): that address itself. Every-port services: the
+    cluster's endpoints on `orig_port`. Dynamic DNS: () (its endpoints come from the request's
+    host: `request_endpoints`). Anything else: the cluster's own endpoints."""
+    if policy.discovery == DISCOVERY_ORIGINAL_DST:
+        return (Endpoint(orig_ip, orig_port, 1, (), _key(orig_ip, orig_port)),)
+    if policy.discovery in PER_REQUEST_DISCOVERY:
+        return ()
+    if policy.port == ANY_PORT:
+        return tuple(Endpoint(e.address, orig_port, e.weight, e.labels, _key(e.address, orig_port),
+                              e.locality) for e in policy.endpoints)
     return policy.endpoints

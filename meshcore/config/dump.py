@@ -90,7 +90,15 @@ def snapshot_to_dict(snapshot: Snapshot) -> dict:
         ],
         "clusters": [_cluster(c) for _, c in sorted(snapshot.clusters.items())],
         "warnings": list(snapshot.warnings),
-    }
+    } | _sidecar(snapshot)
+
+
+def _sidecar(snapshot: Snapshot) -> dict:
+    """Sidecar mode only: what a captured connection's original destination selects."""
+    if getattr(snapshot, "sidecar", None) is None:
+        return {}
+    from meshcore.config.sidecar import describe
+    return {"sidecar": describe(snapshot.sidecar)}
 
 
 def snapshot_to_json(snapshot: Snapshot) -> bytes:

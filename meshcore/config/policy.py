@@ -120,3 +120,6 @@ class Snapshot:
     # (name, port) of every name resolved for resolution DNS/DNS_ROUND_ROBIN: what the supervisor
     # re-resolves every --dns-refresh-rate seconds
     dns_names: tuple = ()
+    # sidecar mode (compile_sources(sidecar=True)): meshcore.config.sidecar.SidecarTable, what
+    # a captured connection's original destination selects; None in explicit mode
+    sidecar: object = None

@@ -13,21 +13,29 @@ Rules of this module (config time only):
   (meshcore.config.names.ServiceNames).
 - Several ServiceEntries naming one host merge: ports (first declaration wins) and endpoints add up.
 - exportTo hides a ServiceEntry from a proxy in another namespace (one warning).
+- Sidecar mode (`sidecar=True`, meshcore.config.sidecar): ports of a TCP-family protocol (TCP, TLS,
+  HTTPS, MONGO, MYSQL, REDIS) are kept as `tcp_ports` (proxied as byte streams, chosen by the
+  connection's original destination) instead of being ignored; `addresses` (VIPs, CIDRs) are
+  kept; a ServiceEntry shaped as a Kubernetes Service (`addresses` set, every host
+  `name.ns.svc.cluster.local`) takes an undeclared port protocol from the port name as Istio's
+  Kubernetes registry does (`http-web` -> HTTP, `tcp-db` -> TCP, 3306 -> TCP).
 """
 from __future__ import annotations
 
+import ipaddress
 from dataclasses import dataclass, field
 from typing import Callable
 
 from meshcore.config import istio
-from meshcore.config.names import ServiceNames, visible
+from meshcore.config.names import ServiceNames, is_kube_fqdn, visible
 from meshcore.config.policy import (ANY_PORT, DISCOVERY_DNS, DISCOVERY_DYNAMIC_DNS,
                                     DISCOVERY_LOGICAL_DNS, DISCOVERY_ORIGINAL_DST, DISCOVERY_STATIC,
                                     Endpoint)
 from meshcore.config.report import Doc, Report
 from meshcore.config.validate import check_service_entry, check_workload_entry, is_ip
 
-__all__ = ["Port", "Service", "compile_service_entries", "endpoint_key", "DISCOVERY_BY_RESOLUTION"]
+__all__ = ["Port", "Service", "compile_service_entries", "endpoint_key", "kube_protocol",
+           "DISCOVERY_BY_RESOLUTION", "TCP_PROTOCOLS"]
 
 DISCOVERY_BY_RESOLUTION = {
     "STATIC": DISCOVERY_STATIC,
@@ -37,6 +45,10 @@ DISCOVERY_BY_RESOLUTION = {
     "DYNAMIC_DNS": DISCOVERY_DYNAMIC_DNS,
 }
 _HTTP_PROTOCOLS = {"", "HTTP", "HTTP2", "GRPC", "GRPC-WEB", "HTTP_PROXY"}
+# proxied as byte streams in sidecar mode (Istio: tcp_proxy, or TLS passthrough by SNI)
+TCP_PROTOCOLS = {"TCP", "TLS", "HTTPS", "MONGO", "MYSQL", "REDIS"}
+# Istio's Kubernetes registry: an undeclared protocol on these ports is TCP (ConvertProtocol)
+_WELL_KNOWN_TCP_PORTS = {25, 53, 3306, 27017}
 
 Lookup = Callable[[str, int], list]  # (name, port) -> [ip, ...]; raises OSError on failure
 
@@ -45,8 +57,9 @@ Lookup = Callable[[str, int], list]  # (name, port) -> [ip, ...]; raises OSError
 class Port:
     number: int
     name: str
-    protocol: str
+    protocol: str  # HTTP-family ("HTTP" when undeclared) or, in sidecar mode, TCP-family
     target_port: int = 0
+    declared: str = ""  # the protocol as written (uppercase); "" when undeclared (Istio sniffs)
 
 
 @dataclass
@@ -57,10 +70,30 @@ class Service:
     doc: Doc
     ports: dict = field(default_factory=dict)  # number -> Port, first declaration wins; {} = every port
     endpoints: dict = field(default_factory=dict)  # number (ANY_PORT when portless) -> list[Endpoint]
+    # sidecar mode only (see module doc): TCP-family ports, VIPs/CIDRs as written (normalised),
+    # Kubernetes-Service shape, and the workloadSelector labels of each ServiceEntry declaring it
+    tcp_ports: dict = field(default_factory=dict)  # number -> Port
+    addresses: list = field(default_factory=list)
+    kube: bool = False
+    selectors: list = field(default_factory=list)
 
     @property
     def port_numbers(self) -> list[int]:
-        return list(self.ports) or [ANY_PORT]
+        """HTTP ports; [ANY_PORT] for a ServiceEntry without ports (a TCP-only one has none)."""
+        return list(self.ports) or ([] if self.tcp_ports else [ANY_PORT])
+
+
+def kube_protocol(number: int, name: str) -> str:
+    """Istio's Kubernetes port protocol (pkg/config/kube ConvertProtocol) for an undeclared
+    protocol: the port name's prefix before `-` (`http-web`, `grpc-web-x`), else TCP on a
+    well-known non-HTTP port, else "" (Istio sniffs)."""
+    low = name.lower()
+    if low.startswith("grpc-web"):
+        return "GRPC-WEB"
+    prefix = low.split("-", 1)[0].upper()
+    if prefix and (prefix in _HTTP_PROTOCOLS or prefix in TCP_PROTOCOLS or prefix == "UDP"):
+        return prefix
+    return "TCP" if number in _WELL_KNOWN_TCP_PORTS else ""
 
 
 def endpoint_key(address: str, port: int) -> str:
@@ -79,7 +112,8 @@ def _resolve(name: str, port: int, lookup: Lookup, rep: Report, label: str, path
 
 
 def compile_service_entries(se_docs: list[Doc], we_docs: list[Doc], rep: Report, lookup: Lookup,
-                            proxy_namespace: str) -> tuple[dict[str, Service], ServiceNames]:
+                            proxy_namespace: str, sidecar: bool = False
+                            ) -> tuple[dict[str, Service], ServiceNames]:
     """The registry: lowercase host -> Service, and the Kubernetes names of short hosts."""
     for wdoc in we_docs:
         rep.checks(wdoc.label, check_workload_entry(wdoc.obj.spec))
@@ -97,17 +131,26 @@ def compile_service_entries(se_docs: list[Doc], we_docs: list[Doc], rep: Report,
         resolution = se.resolution or "NONE"
         discovery = DISCOVERY_BY_RESOLUTION[resolution]
         hosts = [h.lower() for h in se.hosts]
+        kube = bool(sidecar and se.addresses and all(is_kube_fqdn(h) for h in hosts))
         ports: list[Port] = []
+        tcp_ports: list[Port] = []
         for i, p in enumerate(se.ports):
             proto = (p.protocol or "").upper()
+            if kube and not proto:
+                proto = kube_protocol(p.number, p.name or "")
+            if sidecar and proto in TCP_PROTOCOLS:
+                tcp_ports.append(Port(p.number, p.name or "", "TCP", p.target_port or 0, proto))
+                continue
             if proto not in _HTTP_PROTOCOLS:
-                rep.warn(label, f"spec.ports[{i}].protocol",
-                         f"protocol {p.protocol} is not supported (HTTP/1.1 only); port ignored")
+                why = ("UDP is not captured (the iptables rules redirect TCP only)"
+                       if sidecar and proto == "UDP" else
+                       f"protocol {p.protocol or proto} is not supported (HTTP/1.1 only)")
+                rep.warn(label, f"spec.ports[{i}].protocol", f"{why}; port ignored")
                 continue
             if proto in ("HTTP2", "GRPC", "GRPC-WEB"):
-                rep.warn(label, f"spec.ports[{i}].protocol", f"protocol {p.protocol} is proxied as HTTP/1.1")
-            ports.append(Port(p.number, p.name or "", proto or "HTTP", p.target_port or 0))
-        if se.ports and not ports:
+                rep.warn(label, f"spec.ports[{i}].protocol", f"protocol {p.protocol or proto} is proxied as HTTP/1.1")
+            ports.append(Port(p.number, p.name or "", proto or "HTTP", p.target_port or 0, proto))
+        if se.ports and not ports and not tcp_ports:
             continue  # every port is of a protocol meshcore does not proxy
         # (WorkloadEntry-like spec, label for problems, path prefix for problems)
         sources: list = [(ep, label, f"spec.endpoints[{i}]") for i, ep in enumerate(se.endpoints)]
@@ -119,7 +162,7 @@ def compile_service_entries(se_docs: list[Doc], we_docs: list[Doc], rep: Report,
                 we = wdoc.obj.spec
                 if all(we.labels.get(k) == v for k, v in want.items()):
                     sources.append((we, wdoc.label, "spec"))
-        lookup_port = ports[0].number if ports else 80
+        lookup_port = (ports + tcp_ports)[0].number if ports or tcp_ports else 80
         resolved: list = []  # (spec, [ips])
         for ep, elabel, epath in sources:
             addr = ep.address or ""
@@ -153,10 +196,23 @@ def compile_service_entries(se_docs: list[Doc], we_docs: list[Doc], rep: Report,
                 rep.warn(label, "spec.resolution",
                          f"host {h!r} is already defined with resolution of {svc.doc.label}; its endpoints "
                          "are added to that service")
+            if sidecar:
+                for a in se.addresses:
+                    a = _normalise_address(a)
+                    if a not in svc.addresses:
+                        svc.addresses.append(a)
+                svc.kube = svc.kube or kube
+                if se.workload_selector is not None:
+                    svc.selectors.append(dict(se.workload_selector.labels))
             host_sources = per_host.get(h, resolved)
-            for port in ports or [Port(ANY_PORT, "", "HTTP")]:
-                if port.number != ANY_PORT:
-                    svc.ports.setdefault(port.number, port)
+            declared = [(p, False) for p in ports] + [(p, True) for p in tcp_ports]
+            for port, is_tcp in declared or [(Port(ANY_PORT, "", "HTTP"), False)]:
+                if port.number in svc.ports or port.number in svc.tcp_ports:
+                    pass  # first declaration wins
+                elif is_tcp:
+                    svc.tcp_ports[port.number] = port
+                elif port.number != ANY_PORT:
+                    svc.ports[port.number] = port
                 eps = svc.endpoints.setdefault(port.number, [])
                 for ep, ips in host_sources:
                     if discovery == DISCOVERY_LOGICAL_DNS:
@@ -171,3 +227,10 @@ def compile_service_entries(se_docs: list[Doc], we_docs: list[Doc], rep: Report,
                         eps.append(Endpoint(ip, target, weight, lbls, endpoint_key(ip, target),
                                             ep.locality or ""))
     return services, names
+
+
+def _normalise_address(text: str) -> str:
+    """A VIP as its canonical text (`10.0.0.1`, `fd00::1`), a CIDR as its network (`10.0.0.0/16`)."""
+    if "/" in text:
+        return str(ipaddress.ip_network(text, strict=False))
+    return str(ipaddress.ip_address(text))

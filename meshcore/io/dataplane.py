@@ -120,7 +120,16 @@ class Dataplane:
                  access_log_file=None, access_log_encoding: str = "text",
                  access_log_format=None, use_remote_address: bool = False,
                  header_timeout: float = 10.0, idle_timeout: float = 3600.0,
-                 max_events: int = 256, metrics: bool = True, spawn=None):
+                 max_events: int = 256, metrics: bool = True, spawn=None,
+                 sidecar: bool = False, inbound_listen=None,
+                 outbound_traffic_policy: str = "ALLOW_ANY"):
+        # run --sidecar (meshcore.config.sidecar): connections on the outbound listener are routed
+        # by their original destination (outbound_target), `inbound_listen` (host, port) is where
+        # captured inbound connections arrive (inbound_target), and the snapshot was compiled
+        # under `outbound_traffic_policy` (ALLOW_ANY or REGISTRY_ONLY).
+        self.sidecar = sidecar
+        self.inbound_listen = inbound_listen
+        self.outbound_traffic_policy = outbound_traffic_policy
         self.rng = random.Random()
         self.segment = segment
         self.worker = worker

@@ -45,7 +45,8 @@ def _flag_parsers(monkeypatch):
 def test_every_subcommand_has_a_one_line_description():
     sub = _subparsers(build_parser())
     helps = {a.dest: a.help for a in sub._choices_actions}
-    assert set(helps) == {"run", "check", "demo", "bench", "replay", "top", "envoy-config"}
+    assert set(helps) == {"run", "check", "demo", "bench", "replay", "top", "envoy-config",
+                          "iptables"}
     for name, text in helps.items():
         assert text and "\n" not in text and len(text) < 120, name
 
