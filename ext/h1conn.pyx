@@ -104,6 +104,10 @@ cdef class _Side:
         n[0] = buf_len(&self.inb)
         return buf_ptr(&self.inb)
 
+    cdef const char* cur_ptr(self):
+        cdef Py_ssize_t n
+        return self.cur(&n)
+
     cdef void consume(self, Py_ssize_t n):
         if self.ext != NULL:
             self.ext += n

@@ -63,6 +63,7 @@ from meshcore import local_reply as _lr
 from meshcore.metrics import istio as _istio
 from meshcore.policy.classify import Kind as _Kind
 from meshcore.shm import layout as _layout
+from meshcore.sidecar.origdst import original_dst as _original_dst
 
 # ------------------------------------------------------------------------------------------------
 # C declarations
@@ -322,6 +323,12 @@ cdef enum:
     ST_DONE = 7
     ST_PARKED = 8       # the policy is awaiting something (a name to resolve); resume() goes on
 
+# listener kinds (run --sidecar): captured connections carry their original destination
+cdef enum:
+    LISTEN_EXPLICIT = 0
+    LISTEN_OUTBOUND = 1
+    LISTEN_INBOUND = 2
+
 # stateless balancers the loop draws itself (meshcore.upstream.balancer.stateless_kind)
 cdef enum:
     FAST_LEAST_REQUEST = 1
@@ -393,6 +400,7 @@ cdef class Loop:
     cdef list deferred
     cdef set conns              # downstream connections (for sweeps, drain)
     cdef set shadows            # mirror copies in flight
+    cdef set tunnels            # byte tunnels (TCP proxying)
     cdef list listeners
     cdef public object policy
     cdef dict fast_routes                   # host -> FastRoute (set_fast_routes)
@@ -470,6 +478,7 @@ cdef class Loop:
         self.fast_routes = {}
         self.conns = set()
         self.shadows = set()
+        self.tunnels = set()
         self.listeners = []
         self.log_fd = log_fd
         self.log_mode = log_mode
@@ -625,9 +634,13 @@ cdef class Loop:
         {lowercase host bytes (as the Host header carries it): FastRoute}. See FastRoute."""
         self.fast_routes = routes
 
-    def add_listener(self, sock):
-        """Serve a listening socket (its fd is duplicated; the caller may close its object)."""
+    def add_listener(self, sock, str kind="explicit"):
+        """Serve a listening socket (its fd is duplicated; the caller may close its object).
+        `kind`: "explicit" (route by the Host header), "outbound" or "inbound" (sidecar capture:
+        each connection's original destination goes to policy.connection first)."""
         cdef Listener lst = Listener.__new__(Listener)
+        lst.kind = {"explicit": LISTEN_EXPLICIT, "outbound": LISTEN_OUTBOUND,
+                    "inbound": LISTEN_INBOUND}[kind]
         lst.fd = _os.dup(sock.fileno())
         lst.loop = self
         _os.set_blocking(lst.fd, False)
@@ -705,6 +718,19 @@ cdef class Loop:
         return PyBytes_FromStringAndSize(rid, 36)
 
     @property
+    def tunnels_open(self):
+        return len(self.tunnels)
+
+    def sweep_tunnels(self, double idle_timeout):
+        """Close tunnels idle longer than `idle_timeout` seconds (Envoy tcp_proxy idle_timeout)."""
+        cdef Tunnel t
+        cdef double now = mono()
+        for t in list(self.tunnels):
+            if t.ds is not None and t.us is not None and \
+                    now - max(t.ds.tun_active, t.us.tun_active) > idle_timeout:
+                t.close_both()
+
+    @property
     def shadows_in_flight(self):
         return len(self.shadows)
 
@@ -735,11 +761,16 @@ cdef class Loop:
         cdef double now = mono()
         cdef DConn d
         for d in list(self.conns):
-            if d.stream is None and now - d.last_active > self.idle_timeout:
+            if d.stream is None and not d.tunneling and now - d.last_active > self.idle_timeout:
                 d.close()
 
     def flush_log(self):
         self.write_log()
+
+    def log_line(self, bytes line):
+        """Append a finished access-log line (TCP connections) to the loop's log buffer."""
+        if self.log_mode:
+            buf_append(&self.logbuf, PyBytes_AS_STRING(line), PyBytes_GET_SIZE(line))
 
     def statistics(self):
         return {"connections": len(self.conns), "timers": self.nheap,
@@ -1126,6 +1157,7 @@ cdef inline void _nodelay(int fd) noexcept nogil:
 
 cdef class Listener(Handle):
     cdef Loop loop
+    cdef int kind
     cdef Timer t_resume
 
     def __cinit__(self):
@@ -1163,9 +1195,16 @@ cdef class Listener(Handle):
             d.remote = _format_addr(<sockaddr*>&ss)
             d.local = _local_addr(fd)
             d.last_active = mono()
+            d.kind = self.kind
             loop.conns.add(d)
             loop.register(d, EPOLLIN)
             loop.downstream_cx(1)
+            if self.kind != LISTEN_EXPLICIT:
+                try:
+                    d.orig = _original_dst(fd)  # None: addressed to the proxy itself
+                    loop.policy.connection(d)
+                except Exception:
+                    loop.contain(d)
         return 0
 
     cdef int on_timer(self, int kind) except -1:
@@ -1175,12 +1214,212 @@ cdef class Listener(Handle):
 
 
 # ------------------------------------------------------------------------------------------------
+# a byte tunnel between two connections (TCP proxying, upgraded connections)
+
+cdef class Conn(Handle):
+    """What both sides of a proxy hop share: the loop, the bytes waiting to be sent, and the
+    tunnel mode, where whatever one side reads is written to the other (Envoy's tcp_proxy):
+    backpressure past HIGH_WATER, a half-close passed on once the other side's bytes are out,
+    closed when both directions are done or either fails."""
+    cdef Loop loop
+    cdef Buf out
+    cdef Conn peer
+    cdef bint tunneling
+    cdef bint eof_in            # read EOF: nothing more comes from this socket
+    cdef bint shut_pending      # shut down writing once `out` is drained (the peer's EOF)
+    cdef bint shut_out          # writing is shut down
+    cdef long long tun_in       # bytes read from this socket while tunneling
+    cdef double tun_active      # last tunnel activity (idle timeout sweep)
+    cdef Tunnel tunnel
+
+    def __dealloc__(self):
+        buf_free(&self.out)
+
+    cdef int tunnel_event(self, uint32_t events) except -1:
+        cdef ssize_t n
+        cdef Loop loop = self.loop
+        cdef Conn peer = self.peer
+        if events & EPOLLOUT:
+            self.tunnel_flush()
+            if self.fd < 0:
+                return 0
+        if events & (EPOLLIN | EPOLLHUP | EPOLLERR):
+            if not (self.interest & EPOLLIN):
+                if events & (EPOLLHUP | EPOLLERR):
+                    return self.tunnel.close_both()
+                return 0
+            n = recv(self.fd, loop.scratch, SCRATCH, 0)
+            if n < 0:
+                if errno == EAGAIN or errno == EINTR:
+                    return 0
+                return self.tunnel.close_both()
+            self.tun_active = mono()
+            if n == 0:
+                self.eof_in = True
+                peer.shut_pending = True
+            else:
+                self.tun_in += n
+                buf_append(&peer.out, loop.scratch, n)
+            peer.tunnel_flush()
+            if self.fd >= 0:
+                self.tunnel_interest()
+        return 0
+
+    cdef int tunnel_flush(self) except -1:
+        cdef ssize_t n
+        if self.fd < 0:
+            return 0
+        while buf_len(&self.out):
+            n = send(self.fd, buf_ptr(&self.out), buf_len(&self.out), MSG_NOSIGNAL | MSG_DONTWAIT)
+            if n < 0:
+                if errno == EAGAIN:
+                    break
+                if errno == EINTR:
+                    continue
+                return self.tunnel.close_both()
+            buf_consume(&self.out, n)
+        if buf_len(&self.out) == 0:
+            buf_shrink(&self.out)
+            if self.shut_pending and not self.shut_out:
+                c_shutdown(self.fd, SHUT_WR)
+                self.shut_out = True
+        if self.shut_out and self.eof_in:
+            return self.tunnel.side_done()
+        self.tunnel_interest()
+        if self.peer is not None and self.peer.fd >= 0:
+            self.peer.tunnel_interest()
+        return 0
+
+    cdef int tunnel_interest(self) except -1:
+        cdef uint32_t want = 0
+        if self.fd < 0:
+            return 0
+        if not self.eof_in and (self.peer is None or buf_len(&self.peer.out) < HIGH_WATER):
+            want = EPOLLIN
+        if buf_len(&self.out):
+            want |= EPOLLOUT
+        self.loop.modify(self, want)
+        return 0
+
+
+cdef class Tunnel(Handle):
+    """One tunnel: the downstream side, the upstream side, and what Envoy's tcp_proxy counts and
+    logs. `start` once the upstream is connected; either side's failure closes both."""
+    cdef Loop loop
+    cdef DConn ds
+    cdef UConn us
+    cdef ClusterHandle cluster
+    cdef double t_start
+    cdef double t_wall
+    cdef bint done
+    cdef public object on_close          # Python callback(tunnel) for the access log, or None
+    cdef public str flags                # Envoy's response flags: UO (overflow), UF (connect)
+
+    @property
+    def start_time(self):
+        return self.t_wall
+
+    @property
+    def upstream_local(self):
+        return self.us.local.decode() if self.us is not None and self.us.local else None
+
+    @property
+    def downstream_remote(self):
+        return self.ds.remote.decode() if self.ds is not None else None
+
+    @property
+    def downstream_local(self):
+        """Where the client connected: the original destination when captured."""
+        if self.ds is None:
+            return None
+        if self.ds.orig is not None:
+            ip, port = self.ds.orig
+            return f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
+        return self.ds.local.decode()
+
+    @property
+    def bytes_received(self):
+        return self.ds.tun_in if self.ds is not None else 0
+
+    @property
+    def bytes_sent(self):
+        return self.us.tun_in if self.us is not None else 0
+
+    @property
+    def cluster_name(self):
+        return self.cluster.name if self.cluster is not None else None
+
+    @property
+    def upstream_host(self):
+        if self.us is None or self.cluster is None:
+            return None
+        return self.cluster.keys[self.us.ep]
+
+    @property
+    def duration_ms(self):
+        return int((mono() - self.t_start) * 1000)
+
+    cdef int start(self) except -1:
+        """The upstream is connected: both sides read and write."""
+        cdef DConn d = self.ds
+        cdef UConn u = self.us
+        d.tunneling = True
+        u.tunneling = True
+        d.peer = u
+        u.peer = d
+        d.tunnel = self
+        u.tunnel = self
+        d.tun_active = u.tun_active = mono()
+        d.proto.retain()
+        if d.proto.buffered():  # bytes the client sent before the tunnel existed (sniffing)
+            buf_append(&u.out, d.proto.cur_ptr(), d.proto.buffered())
+            d.tun_in += d.proto.buffered()
+            d.proto.release_buffers()
+        u.tunnel_flush()
+        if u.fd >= 0:
+            u.tunnel_interest()
+        if d.fd >= 0:
+            d.tunnel_interest()
+        return 0
+
+    cdef int side_done(self) except -1:
+        """One side finished both ways; the tunnel ends when both have."""
+        if (self.ds.fd < 0 or (self.ds.eof_in and self.ds.shut_out)) and \
+                (self.us.fd < 0 or (self.us.eof_in and self.us.shut_out)):
+            return self.close_both()
+        return 0
+
+    cdef int close_both(self) except -1:
+        if self.done:
+            return 0
+        self.done = True
+        if self.cluster is not None and self.us is not None:
+            self.cluster.stat(W_CX_RX_BYTES, self.us.tun_in)
+            self.cluster.stat(W_CX_TX_BYTES, self.ds.tun_in)
+        if self.us is not None:
+            self.us.tunneling = False
+            self.us.close()
+        if self.ds is not None:
+            self.ds.tunneling = False
+            self.ds.close()
+        if self.on_close is not None:
+            try:
+                self.on_close(self)
+            except Exception:
+                self.loop.contain(self)
+        self.loop.tunnels.discard(self)
+        return 0
+
+    cdef int on_error(self) except -1:
+        self.on_close = None
+        return self.close_both()
+
+
+# ------------------------------------------------------------------------------------------------
 # downstream connection
 
-cdef class DConn(Handle):
-    cdef Loop loop
+cdef class DConn(Conn):
     cdef ServerConn proto
-    cdef Buf out
     cdef Stream stream
     cdef bytes remote
     cdef bytes local
@@ -1189,17 +1428,82 @@ cdef class DConn(Handle):
     cdef bint deferred
     cdef bint reading_paused    # backpressure: the upstream cannot take more body yet
     cdef Timer t_header
+    cdef int kind               # the listener's: LISTEN_EXPLICIT, _OUTBOUND or _INBOUND
+    cdef public object target   # sidecar mode: what the policy chose for this connection
+    cdef object orig            # (ip, port) the connection was captured to, or None
+    cdef bint sniffing          # AUTO protocol: the policy decides on the first bytes
 
     def __cinit__(self):
         self.proto = ServerConn.__new__(ServerConn)
         self.t_header.idx = -1
 
-    def __dealloc__(self):
-        buf_free(&self.out)
+    # -- Python API (the policy's view of a captured connection) ----------------------------
+
+    @property
+    def original_destination(self):
+        """(ip, port) the client connected to before capture (SO_ORIGINAL_DST), or None."""
+        return self.orig
+
+    @property
+    def inbound(self):
+        return self.kind == LISTEN_INBOUND
+
+    @property
+    def remote_address(self):
+        return self.remote.decode()
+
+    def sniff(self):
+        """Wait for the first bytes; the policy's `sniffed(conn, data)` decides HTTP or TCP."""
+        self.sniffing = True
+
+    def tunnel_to(self, ClusterHandle cluster, int ep, on_close=None):
+        """Proxy this connection's bytes to endpoint `ep` of `cluster` (Envoy's tcp_proxy):
+        the cluster's connection limit, connect timeout and byte counters apply."""
+        self.sniffing = False
+        return self.start_tunnel(cluster, ep, on_close)
+
+    def reject(self):
+        """Close the connection now (BlackHoleCluster, over a limit)."""
+        self.close()
+
+    cdef int start_tunnel(self, ClusterHandle cluster, int ep, object on_close) except -1:
+        cdef Tunnel t = Tunnel.__new__(Tunnel)
+        cdef UConn u
+        t.loop = self.loop
+        t.ds = self
+        t.cluster = cluster
+        t.t_start = mono()
+        t.t_wall = wall()
+        t.on_close = on_close
+        self.tunnel = t
+        self.tunneling = True  # no HTTP parsing from now on
+        self.loop.modify(self, 0)  # read once the upstream is there
+        if not cluster.try_acquire(C_CX_ACTIVE, cluster.max_connections):
+            cluster.stat(W_CX_OVERFLOW, 1)
+            t.flags = "UO"
+            self.close()
+            return 0
+        u = cluster.open(ep)
+        if u.fd < 0 or (not u.connecting and u.connect_error):
+            cluster.stat(W_CX_CONNECT_FAIL, 1)
+            t.flags = "UF"
+            u.close()
+            self.close()
+            return 0
+        u.tunnel = t
+        t.us = u
+        self.loop.tunnels.add(t)
+        return 0
 
     cdef int on_event(self, uint32_t events) except -1:
         cdef ssize_t n
         cdef Loop loop = self.loop
+        if self.tunneling:
+            if self.peer is None:  # the upstream side is still connecting
+                if events & (EPOLLHUP | EPOLLERR):
+                    self.tunnel.close_both()
+                return 0
+            return self.tunnel_event(events)
         if events & EPOLLOUT:
             self.flush()
             if self.fd < 0:
@@ -1220,8 +1524,30 @@ cdef class DConn(Handle):
             else:
                 self.proto.feed(loop.scratch, n)
             self.last_active = mono()
+            if self.sniffing:
+                return self.sniff_bytes()
             self.process()
         return 0
+
+    cdef int sniff_bytes(self) except -1:
+        """AUTO protocol: hand the first bytes to the policy, which calls tunnel_to (TCP) or
+        leaves the connection to HTTP; None from it means: read more first."""
+        cdef Py_ssize_t n
+        cdef const char* p
+        cdef object verdict
+        self.proto.retain()
+        p = self.proto.cur_ptr()
+        n = self.proto.buffered()
+        if n == 0 and self.proto.eof:
+            self.close()
+            return 0
+        verdict = self.loop.policy.sniffed(self, PyBytes_FromStringAndSize(p, n))
+        if self.fd < 0 or self.tunneling:
+            return 0
+        if verdict is None and n < 8192 and not self.proto.eof:
+            return 0  # not enough to tell yet
+        self.sniffing = False
+        return self.process()
 
     cdef int process(self) except -1:
         """Turn buffered bytes into request events until more input is needed."""
@@ -1409,6 +1735,9 @@ cdef class DConn(Handle):
     cdef void close(self):
         if self.fd < 0:
             return
+        if self.tunneling and self.tunnel is not None and not self.tunnel.done:
+            self.tunnel.close_both()
+            return
         if self.t_header.idx >= 0:
             self.loop.disarm(&self.t_header)
         self.loop.unregister(self)
@@ -1424,12 +1753,10 @@ cdef class DConn(Handle):
 # ------------------------------------------------------------------------------------------------
 # upstream connection
 
-cdef class UConn(Handle):
-    cdef Loop loop
+cdef class UConn(Conn):
     cdef ClusterHandle cluster
     cdef int ep
     cdef ClientConn proto
-    cdef Buf out
     cdef Stream stream          # the request using it; None while pooled
     cdef bint connecting
     cdef bint counted           # holds a unit of the shared connection gauge
@@ -1443,15 +1770,14 @@ cdef class UConn(Handle):
         self.proto = ClientConn.__new__(ClientConn)
         self.t_connect.idx = -1
 
-    def __dealloc__(self):
-        buf_free(&self.out)
-
     cdef int on_event(self, uint32_t events) except -1:
         cdef ssize_t n
         cdef int err = 0
         cdef socklen_t elen = sizeof(err)
         cdef Loop loop = self.loop
         cdef Stream s
+        if self.tunnel is not None and not self.connecting:
+            return self.tunnel_event(events)
         if self.connecting:
             if events & (EPOLLOUT | EPOLLERR | EPOLLHUP):
                 getsockopt(self.fd, SOL_SOCKET, SO_ERROR, &err, &elen)
@@ -1459,11 +1785,17 @@ cdef class UConn(Handle):
                 self.connecting = False
                 s = self.stream
                 if err:
+                    if self.tunnel is not None:
+                        self.cluster.stat(W_CX_CONNECT_FAIL, 1)
+                        self.tunnel.flags = "UF"
+                        return self.tunnel.close_both()
                     self.close()
                     if s is not None:
                         s.on_attempt_failed(K_CONNECT_FAILURE)
                     return 0
                 self.local = _local_addr(self.fd)
+                if self.tunnel is not None:
+                    return self.tunnel.start()
                 if s is not None:
                     s.on_connected(self)
                 else:
@@ -1577,6 +1909,10 @@ cdef class UConn(Handle):
     cdef int on_timer(self, int kind) except -1:
         cdef Stream s = self.stream
         if kind == T_CONNECT and self.connecting:
+            if self.tunnel is not None:
+                self.cluster.stat(W_CX_CONNECT_TIMEOUT, 1)
+                self.tunnel.flags = "UF"
+                return self.tunnel.close_both()
             self.close()
             if s is not None:
                 s.on_attempt_failed(K_CONNECT_TIMEOUT)
@@ -1597,6 +1933,9 @@ cdef class UConn(Handle):
     cdef void close(self):
         """Close and give back the connection's unit of the shared limit."""
         if self.fd < 0:
+            return
+        if self.tunneling and self.tunnel is not None and not self.tunnel.done:
+            self.tunnel.close_both()
             return
         if self.t_connect.idx >= 0:
             self.loop.disarm(&self.t_connect)
@@ -1704,6 +2043,10 @@ cdef class ClusterHandle:
 
     def endpoint_key(self, int ep):
         return self.keys[ep]
+
+    def add_stat(self, str name, uint64_t n=1):
+        """Add to one of this worker's cluster counters by Envoy's name (rare events)."""
+        self.stat(_layout.W_INDEX[name], n)
 
     def close_idle(self):
         """Close every pooled connection (drain, or the cluster left the config)."""
@@ -2081,6 +2424,15 @@ cdef class Stream(Handle):
     # -- Python API (the policy's view) -----------------------------------------------------
 
     @property
+    def connection_target(self):
+        """Sidecar mode: what the policy chose for this request's connection (or None)."""
+        return self.ds.target if self.ds is not None else None
+
+    @property
+    def original_destination(self):
+        return self.ds.orig if self.ds is not None else None
+
+    @property
     def downstream_remote(self):
         return self.ds.remote.decode() if self.ds is not None else ""
 
@@ -2241,6 +2593,8 @@ cdef class Stream(Handle):
         cdef FastRoute fr
         cdef object got
         cdef int ep
+        if self.ds.target is not None:
+            return False  # a captured connection: its route table is its port's
         if h.count_prefix_c("x-envoy-", 8):
             return False  # client overrides: the policy merges them
         if not h._path_slash and (h._pe == h._ps or raw[h._ps] != 47):

@@ -51,7 +51,13 @@ def worker_main(conn, index: int, segment_name: str, listen: tuple[str, int], sn
                    **_sidecar_arguments(options.get("sidecar")),
                    # MESHCORE_METRICS=off: a developer aid to measure what recording costs
                    metrics=os.environ.get("MESHCORE_METRICS") != "off")
-    dp.loop.add_listener(listener)
+    if dp.sidecar:  # captured connections: routed by their original destination first
+        dp.loop.add_listener(listener, "outbound")
+        inbound = reuseport_listener(*dp.inbound_listen)
+        dp.loop.add_listener(inbound, "inbound")
+        inbound.close()
+    else:
+        dp.loop.add_listener(listener)
     listener.close()
     profile_to = os.environ.get("MESHCORE_PROFILE")  # developer aid: cProfile one worker
     try:

@@ -49,6 +49,7 @@ __all__ = [
     "ALLOW_ANY", "REGISTRY_ONLY", "OUTBOUND_TRAFFIC_POLICIES", "HTTP", "TCP", "AUTO",
     "KIND_HTTP", "KIND_TCP", "KIND_PASSTHROUGH", "KIND_BLACKHOLE",
     "PASSTHROUGH_CLUSTER", "BLACKHOLE_CLUSTER", "INBOUND_PASSTHROUGH_CLUSTER", "INBOUND_ADDRESS",
+    "INBOUND_PASSTHROUGH_ROUTE", "sidecar_routes",
     "HttpTarget", "TcpTarget", "InboundTarget", "SidecarTable",
     "compile_sidecar", "outbound_target", "inbound_target", "http_route", "sniff_http",
     "inbound_cluster_name", "describe",
@@ -81,6 +82,10 @@ DEFAULT_CONNECT_TIMEOUT = 10.0
 # Istio >= 1.23 inbound routes: retry a request reset before it reached the app, twice, no timeout
 INBOUND_RETRY = RetryPolicy(num_retries=2, retry_on=RETRY_ON_RESET_BEFORE_REQUEST,
                             host_selection_retry_max_attempts=1)
+# HTTP to an inbound port no service declares: to the app on that port (InboundPassthroughCluster)
+INBOUND_PASSTHROUGH_ROUTE = RoutePolicy(
+    name="default", destinations=(WeightedCluster(INBOUND_PASSTHROUGH_CLUSTER, 100),),
+    total_weight=100, timeout=0.0, retry=INBOUND_RETRY)
 
 
 @dataclass(frozen=True, slots=True)
@@ -215,6 +220,17 @@ def sniff_http(data: bytes) -> bool | None:
         return None if n < 8192 else False
     line = data[:end]
     return line[-9:-1] == b" HTTP/1." and line[-1:] in (b"0", b"1")
+
+
+def sidecar_routes(table: SidecarTable) -> list:
+    """The routes a sidecar table adds beside the snapshot's virtual hosts (catch-alls, inbound),
+    for the data path to compile handles for."""
+    routes = [INBOUND_PASSTHROUGH_ROUTE]
+    for t in list(table.by_port.values()) + [table.any_port_http]:
+        if t is not None and t.kind == KIND_HTTP:
+            routes.append(t.catch_all)
+    routes += [t.route for t in table.inbound.values() if t.route is not None]
+    return routes
 
 
 def inbound_cluster_name(port: int) -> str:

@@ -130,6 +130,11 @@ class Dataplane:
         self.sidecar = sidecar
         self.inbound_listen = inbound_listen
         self.outbound_traffic_policy = outbound_traffic_policy
+        self.captured = None
+        if sidecar:  # imported only here: explicit-mode workers stay small
+            from meshcore.io.captured import CapturedConnections
+            self.captured = CapturedConnections(self)
+        self.logs_tcp = False  # TCP connections get an access-log line (Istio's text format)
         self.rng = random.Random()
         self.segment = segment
         self.worker = worker
@@ -148,6 +153,7 @@ class Dataplane:
                 log_mode = 2
                 self.access_log = AccessLog(log_fd, compile_format(access_log_format,
                                                                    access_log_encoding))
+            self.logs_tcp = log_mode == 1
         self.loop = Loop(self, max_events=max_events, log_fd=log_fd, log_mode=log_mode,
                          use_remote_address=use_remote_address, header_timeout=header_timeout,
                          idle_timeout=idle_timeout)
@@ -183,6 +189,10 @@ class Dataplane:
                 continue
             seen.add(id(vhost))
             for route in vhost.routes:
+                routes[id(route)] = route_handle(route)
+        if snapshot.sidecar is not None:
+            from meshcore.config.sidecar import sidecar_routes
+            for route in sidecar_routes(snapshot.sidecar):
                 routes[id(route)] = route_handle(route)
         self.snapshot = snapshot
         self.clusters = states
@@ -245,6 +255,8 @@ class Dataplane:
 
     def sweep(self) -> None:
         self.loop.sweep()
+        if self.captured is not None:
+            self.loop.sweep_tunnels(self.captured.tcp_idle_timeout)
         for state in self.clusters.values():
             state.handle.sweep()
 
@@ -260,9 +272,20 @@ class Dataplane:
 
     # === called by the loop ===
 
+    def connection(self, conn) -> None:
+        """A connection on a sidecar listener (meshcore.io.captured)."""
+        self.captured.connection(conn)
+
+    def sniffed(self, conn, data: bytes):
+        return self.captured.sniffed(conn, data)
+
     def decide(self, stream) -> None:
         head = stream.head
-        route = find_route(self.snapshot, head.host, head)
+        captured = stream.connection_target
+        if captured is None:
+            route = find_route(self.snapshot, head.host, head)
+        else:  # run --sidecar: the table of the port the client connected to
+            route = self.captured.route(captured, head)
         if route is None:
             stream.reply(lr.NO_ROUTE)
             return
@@ -305,6 +328,12 @@ class Dataplane:
         first (the request waits, parked, while trio looks it up)."""
         policy = state.policy
         head = stream.head
+        captured = stream.connection_target
+        if captured is not None:  # the connection's own destination (dynamic DNS: none)
+            endpoints = self.captured.endpoints(policy, captured)
+            if endpoints:
+                self._choose(stream, route, rh, wc, self._request_cluster(state, endpoints), plan)
+                return
         if policy.discovery in PER_REQUEST_DISCOVERY:
             target = request_target(policy, head.host)
             if target is not None and not is_ip(target[0]):

@@ -215,7 +215,7 @@ class Lab:
         done = subprocess.run(self.command(pod, argv, user), capture_output=True, text=True,
                               timeout=timeout, input=input, cwd=REPO, env=_env())
         if check and done.returncode != 0:
-            raise AssertionError(f"in {pod.name}: {' '.join(argv)} exited {done.returncode}\n"
+            raise AssertionError(f"in {pod.name}: {' '.join(map(str, argv))} exited {done.returncode}\n"
                                  f"stdout: {done.stdout}\nstderr: {done.stderr}")
         return done
 

@@ -13,6 +13,10 @@ under test).
   whoami PORT NAME [--dual]
                            accept on 0.0.0.0:PORT (--dual: [::]:PORT, IPv4 too); answer "NAME <port> <peer ip>\\n" and close
   connect HOST PORT        connect, print what the server sends until it closes (exit 1 on error)
+  echo PORT NAME           accept on 0.0.0.0:PORT; read until the client half-closes, answer
+                           "NAME <what it sent>" and close (a TCP service)
+  send HOST PORT TEXT      connect, send TEXT, half-close, print what comes back until the
+                           server closes (exit 1 on error)
   http-server PORT NAME    HTTP/1.1 on 0.0.0.0:PORT: 200, body "NAME <Host header>\n"
   get URL [NAME:VALUE ...] one GET (urllib); print "<status> <body>" (exit 0 on any HTTP status,
                            1 when no response came)
@@ -97,6 +101,24 @@ def cmd_connect(host: str, port: int) -> int:
     return 0
 
 
+def cmd_echo(port: int, name: str) -> None:
+    def handle(conn, peer):
+        conn.sendall(f"{name} ".encode() + _read_all(conn))
+    _serve(_listen(port), handle)
+
+
+def cmd_send(host: str, port: int, text: str) -> int:
+    try:
+        with socket.create_connection((host, port), timeout=TIMEOUT) as s:
+            s.sendall(text.encode())
+            s.shutdown(socket.SHUT_WR)
+            sys.stdout.write(_read_all(s).decode())
+    except OSError as exc:
+        print(f"send {host}:{port}: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def cmd_http_server(port: int, name: str) -> None:
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -143,6 +165,10 @@ def main(argv: list[str]) -> int:
         cmd_whoami(int(argv[1]), argv[2], "--dual" in argv[3:])
     elif cmd == "connect":
         return cmd_connect(argv[1], int(argv[2]))
+    elif cmd == "echo":
+        cmd_echo(int(argv[1]), argv[2])
+    elif cmd == "send":
+        return cmd_send(argv[1], int(argv[2]), argv[3])
     elif cmd == "http-server":
         cmd_http_server(int(argv[1]), argv[2])
     elif cmd == "get":

@@ -53,6 +53,7 @@ cdef class _Side:
     cdef void feed(self, const char* p, Py_ssize_t n)
     cdef int retain(self) except -1
     cdef const char* cur(self, Py_ssize_t* n)
+    cdef const char* cur_ptr(self)
     cdef void consume(self, Py_ssize_t n)
     cdef Py_ssize_t buffered(self)
     cdef int fail(self, int status, object reason)
