@@ -369,6 +369,7 @@ cdef int _scan_fields(const unsigned char* b, Py_ssize_t p, Py_ssize_t n, Py_ssi
 cdef struct Conn:
     bint close
     bint keep_alive
+    bint upgrade
 
 
 cdef int _connection_tokens(const unsigned char* b, Field* f, int nf, int status,
@@ -377,6 +378,7 @@ cdef int _connection_tokens(const unsigned char* b, Field* f, int nf, int status
     cdef Py_ssize_t i, e, s, t, u
     out.close = False
     out.keep_alive = False
+    out.upgrade = False
     for k in range(nf):
         if f[k].kind != K_CONNECTION:
             continue
@@ -402,6 +404,8 @@ cdef int _connection_tokens(const unsigned char* b, Field* f, int nf, int status
                     out.close = True
                 elif u - t == 10 and _eq_lower(b + t, b"keep-alive", 10):
                     out.keep_alive = True
+                elif u - t == 7 and _eq_lower(b + t, b"upgrade", 7):
+                    out.upgrade = True
             if i >= e:
                 break
             i += 1
@@ -1059,7 +1063,7 @@ cdef RequestHead parse_request_c(const unsigned char* b, Py_ssize_t n, Py_ssize_
         h._he = -1
     h._version = version
     h._expect_continue = has_expect and version == 1
-    h._upgrade = has_upgrade and version == 1
+    h._upgrade = has_upgrade and conn.upgrade and version == 1
     return h
 
 

@@ -158,6 +158,10 @@ cdef extern from "<arpa/inet.h>" nogil:
     const char* inet_ntop(int af, const void* src, char* dst, socklen_t size)
     int inet_pton(int af, const char* src, void* dst)
 
+cdef extern from "<strings.h>" nogil:
+    int strncasecmp(const char* a, const char* b, size_t n)
+
+
 cdef extern from "<time.h>" nogil:
     cdef struct tm:
         int tm_sec
@@ -305,6 +309,7 @@ cdef object _NO_HEALTHY = _lr.NO_HEALTHY_UPSTREAM
 cdef object _ROUTE_TIMEOUT = _lr.ROUTE_TIMEOUT
 cdef object _UPE = _lr.UPSTREAM_PROTOCOL_ERROR
 cdef object _HTTP10 = _lr.HTTP10_REJECTED
+cdef object _UPGRADE_FAILED = _lr.UPGRADE_FAILED
 cdef object _INTERNAL = _lr.INTERNAL_ERROR
 cdef object _protocol_reply = _lr.downstream_protocol_error
 cdef object _upstream_request = None  # meshcore.routing.actions.upstream_request, loaded lazily
@@ -1314,6 +1319,7 @@ cdef class Tunnel(Handle):
     cdef bint done
     cdef public object on_close          # Python callback(tunnel) for the access log, or None
     cdef public str flags                # Envoy's response flags: UO (overflow), UF (connect)
+    cdef Stream stream                   # an upgraded request: logged when the tunnel closes
 
     @property
     def start_time(self):
@@ -1371,11 +1377,19 @@ cdef class Tunnel(Handle):
         u.tunnel = self
         d.tun_active = u.tun_active = mono()
         d.proto.retain()
+        if d.t_header.idx >= 0:
+            self.loop.disarm(&d.t_header)
         if d.proto.buffered():  # bytes the client sent before the tunnel existed (sniffing)
             buf_append(&u.out, d.proto.cur_ptr(), d.proto.buffered())
             d.tun_in += d.proto.buffered()
             d.proto.release_buffers()
+        if u.proto.buffered():  # bytes the upstream sent right after its 101
+            buf_append(&d.out, u.proto.cur_ptr(), u.proto.buffered())
+            u.tun_in += u.proto.buffered()
+        u.proto.release_buffers()
         u.tunnel_flush()
+        if d.fd >= 0:
+            d.tunnel_flush()
         if u.fd >= 0:
             u.tunnel_interest()
         if d.fd >= 0:
@@ -1407,6 +1421,11 @@ cdef class Tunnel(Handle):
                 self.on_close(self)
             except Exception:
                 self.loop.contain(self)
+        if self.stream is not None:  # an upgraded request: its line, with the tunnel's bytes
+            self.stream.body_received += self.ds.tun_in
+            self.stream.bytes_sent += self.us.tun_in
+            self.stream.log()
+            self.stream = None
         self.loop.tunnels.discard(self)
         return 0
 
@@ -1850,11 +1869,9 @@ cdef class UConn(Conn):
             elif ev == EV_ERROR:
                 s.on_upstream_closed(self, True)
                 break
-            elif ev == EV_UPGRADE:
-                # Upgrades are not requested yet (the Upgrade header is not forwarded), so a
-                # 101 here was never asked for; the connection object already flagged it.
-                s.on_upstream_closed(self, True)
-                break
+            elif ev == EV_UPGRADE:  # 101 to a websocket upgrade: a tunnel from now on
+                self.proto.retain()
+                return s.on_upgraded(self)
             if self.stream is not s:
                 break
         if self.fd >= 0:
@@ -2368,6 +2385,7 @@ cdef class Stream(Handle):
     cdef public object request_edits  # a route destination with a rewrite or request header edits
     cdef public object response_edits  # HeaderEdits for the upstream response's headers
     cdef public bytes response_extra  # header lines added to the upstream response
+    cdef bytes upgrade_value          # a websocket upgrade: the request's Upgrade value
     cdef public str flags
     cdef public str details
     cdef public int status
@@ -2557,6 +2575,8 @@ cdef class Stream(Handle):
             return self.finish_local(_HTTP10, True, b"", None)
         if h._me - h._ms == 7 and memcmp(raw + h._ms, "CONNECT", 7) == 0:
             return self.finish_local(_NO_ROUTE, True, b"", None)
+        if h._upgrade and self.classify_upgrade(h, raw) < 0:
+            return self.finish_local(_UPGRADE_FAILED, True, b"", None)
         if loop.fast_routes and h._hs >= 0 and self.fast_decide(h, raw):
             return self.proceed()
         loop.n_policy_calls += 1
@@ -2573,6 +2593,22 @@ cdef class Stream(Handle):
         if self.cluster is None:
             return self.finish_local(_NO_ROUTE, False, b"", None)
         return self.proceed()
+
+    cdef int classify_upgrade(self, RequestHead h, const char* raw) except -2:
+        """An upgrade request, as Istio configures Envoy (upgrade_configs: websocket only):
+        `websocket` is forwarded (1); `h2c` is dropped and the request goes on as plain HTTP/1.1
+        (0), as Envoy's HTTP/1 codec does; any other protocol is refused (-1: 403)."""
+        cdef int k = h.find("upgrade", 7)
+        cdef Py_ssize_t n
+        if k < 0:
+            return 0
+        n = h._f[k].ve - h._f[k].vs
+        if n == 9 and strncasecmp(raw + h._f[k].vs, "websocket", 9) == 0:
+            self.upgrade_value = PyBytes_FromStringAndSize(raw + h._f[k].vs, n)
+            return 1
+        if n == 3 and strncasecmp(raw + h._f[k].vs, "h2c", 3) == 0:
+            return 0
+        return -1
 
     cdef int proceed(self) except -1:
         """The policy chose where the request goes: build its head and start forwarding."""
@@ -2693,6 +2729,10 @@ cdef class Stream(Handle):
             buf_append(b, "x-forwarded-proto: http\r\n", 25)
         if self.loop.use_remote_address and self.ds is not None:
             self.append_xff()
+        if self.upgrade_value is not None:  # hop-by-hop, so dropped above: an allowed upgrade
+            buf_append(b, "connection: upgrade\r\nupgrade: ", 30)
+            buf_append(b, PyBytes_AS_STRING(self.upgrade_value), PyBytes_GET_SIZE(self.upgrade_value))
+            buf_append(b, "\r\n", 2)
         return 0
 
     cdef int append_framing(self) except -1:
@@ -2815,7 +2855,8 @@ cdef class Stream(Handle):
         self.a_reused = reused and u.requests > 1
         self.state = ST_AWAIT
         self.upstream_local = u.local
-        u.proto.start_request(self.head_request, self.body_kind, self.body_len, False)
+        u.proto.start_request(self.head_request, self.body_kind, self.body_len,
+                              self.upgrade_value is not None)
         buf_append(o, buf_ptr(&self.head_base), buf_len(&self.head_base))
         buf_append(o, "x-envoy-attempt-count: ", 23)
         buf_append_dec(o, self.attempt)
@@ -3145,6 +3186,76 @@ cdef class Stream(Handle):
         else:
             kind = K_RESET
         return self.on_attempt_failed(kind)
+
+    cdef int on_upgraded(self, UConn u) except -1:
+        """101 to a websocket upgrade: relay the head, then both connections become a byte
+        tunnel (Envoy's upgrade); the request's access-log line is written when it closes."""
+        cdef ResponseHead rh = u.proto.head
+        cdef DConn d = self.ds
+        cdef ClusterHandle c = self.cluster
+        cdef Buf* o
+        cdef bytes fwd
+        cdef const char* raw = PyBytes_AS_STRING(rh._raw)
+        cdef int k
+        cdef Tunnel t
+        if self.t_try.idx >= 0:
+            self.loop.disarm(&self.t_try)
+        if self.shadow or d is None or d.fd < 0:  # a mirror copy, or the client left
+            self.drop_upstream()
+            self.end_attempt()
+            if self.shadow:
+                self.status = 101
+                return self.finish_shadow()
+            return self.finish(False)
+        self.a_got = True
+        self.response_head = rh
+        if self.loop.metrics:
+            c.host_attempt(self.ep, K_RESPONSE, 101, self.a_reused)
+        c.stat(W_RQ_TOTAL, 1)
+        if c.outlier:
+            c.outlier_success(self.ep)
+        self.status = 101
+        self.details = "via_upstream"
+        self.service_ms = <long long>((mono() - self.t_start) * 1000)
+        o = &d.out
+        fwd = rh._forward(True, DROP_SERVER)
+        buf_append(o, "HTTP/1.1 101 ", 13)
+        buf_append(o, raw + rh._rs, rh._re - rh._rs)
+        buf_append(o, "\r\n", 2)
+        buf_append(o, PyBytes_AS_STRING(fwd), PyBytes_GET_SIZE(fwd))
+        buf_append(o, "connection: upgrade\r\nupgrade: ", 30)
+        k = rh.find("upgrade", 7)
+        if k >= 0:
+            buf_append(o, raw + rh._f[k].vs, rh._f[k].ve - rh._f[k].vs)
+        else:
+            buf_append(o, PyBytes_AS_STRING(self.upgrade_value), PyBytes_GET_SIZE(self.upgrade_value))
+        buf_append(o, "\r\nserver: envoy\r\n\r\n", 19)
+        self.response_started = True
+        # the exchange is over for HTTP; its connection unit stays with the tunnel
+        self.uc = None
+        u.stream = None
+        self.end_attempt()
+        self.state = ST_DONE
+        self.cancel_timers()
+        if self.ctx is not None:
+            self.loop.policy.finished(self)
+        if self.loop.metrics:
+            self.record_metrics()
+        buf_free(&self.body)
+        buf_free(&self.head_base)
+        d.stream = None
+        t = Tunnel.__new__(Tunnel)
+        t.loop = self.loop
+        t.ds = d
+        t.us = u
+        t.cluster = c
+        t.t_start = mono()
+        t.t_wall = wall()
+        t.stream = self
+        d.tunnel = t
+        u.tunnel = t
+        self.loop.tunnels.add(t)
+        return t.start()
 
     # -- endings ----------------------------------------------------------------------------
 

@@ -39,6 +39,8 @@ OVERFLOW = LocalReply(
     "upstream_reset_before_response_started{overflow}")
 OVERLOADED_HEADER = b"x-envoy-overloaded: true\r\n"
 HTTP10_REJECTED = LocalReply(426, b"Upgrade Required", "-", "low_version")
+# an Upgrade other than websocket (Istio's only upgrade_configs entry); the connection is closed
+UPGRADE_FAILED = LocalReply(403, b"", "-", "upgrade_failed")
 INTERNAL_ERROR = LocalReply(500, b"internal error", "-", "meshcore_internal_error")
 
 

@@ -11,7 +11,8 @@ programs Envoy (meshcore.config.sidecar):
   endpoints are the connection's own (PassthroughCluster, every-port services,
   InboundPassthroughCluster) use `dest`.
 * TCP: `conn.tunnel_to(cluster handle, endpoint)`: bytes both ways (Envoy's tcp_proxy), with the
-  cluster's connection limit, connect timeout and byte counters; a TCP line in the access log.
+  cluster's connection limit, connect timeout and byte counters, closed after an hour idle
+  (Dataplane.sweep); a TCP line in the access log.
 * BlackHoleCluster (REGISTRY_ONLY, unknown destination): the connection is closed.
 
 A connection addressed to the proxy itself (no original destination) is routed by its Host header
@@ -26,15 +27,13 @@ from meshcore.config.sidecar import (AUTO, BLACKHOLE_CLUSTER, INBOUND_PASSTHROUG
                                      KIND_BLACKHOLE, KIND_HTTP, TCP, InboundTarget, http_route,
                                      inbound_target, outbound_target, sniff_http)
 
-TCP_IDLE_TIMEOUT = 3600.0  # Envoy tcp_proxy's default idle_timeout (1 h), as Istio leaves it
 
 
 class CapturedConnections:
     """The sidecar half of a worker's policy (Dataplane delegates to it)."""
 
-    def __init__(self, dataplane, tcp_idle_timeout: float = TCP_IDLE_TIMEOUT):
+    def __init__(self, dataplane):
         self.dp = dataplane
-        self.tcp_idle_timeout = tcp_idle_timeout
 
     # -- per connection ---------------------------------------------------------------------
 

@@ -59,6 +59,8 @@ MIRROR_TIMEOUT = 5.0  # a copy without a route timeout is still bounded (Envoy: 
 # Clusters whose endpoints come from the request (original destination, dynamic DNS, every-port
 # services) get one ClusterHandle (and pool) per distinct endpoint set, kept for reuse up to this.
 MAX_REQUEST_CLUSTERS = 256
+# Envoy tcp_proxy's default idle_timeout (1 h), as Istio leaves it; websocket tunnels get the same
+TUNNEL_IDLE_TIMEOUT = 3600.0
 MAX_SHADOWS = 64  # copies in flight per worker; beyond, a copy is dropped and counted
 _RESPONSE = int(Kind.RESPONSE)
 _OVERFLOW = int(Kind.OVERFLOW)
@@ -255,8 +257,8 @@ class Dataplane:
 
     def sweep(self) -> None:
         self.loop.sweep()
-        if self.captured is not None:
-            self.loop.sweep_tunnels(self.captured.tcp_idle_timeout)
+        if self.loop.tunnels_open:  # TCP connections, upgraded (websocket) requests
+            self.loop.sweep_tunnels(TUNNEL_IDLE_TIMEOUT)
         for state in self.clusters.values():
             state.handle.sweep()
 

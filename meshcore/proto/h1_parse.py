@@ -31,7 +31,9 @@ Choices where the brief or the RFC left one open:
   up to 65535; an empty Host value is accepted on 1.1 (RFC 9112 §3.2);
 * CONNECT needs authority-form with a port; ``host`` is then the target and ``path`` is ``b""``;
   a CONNECT with a non-zero Content-Length or chunked body is 400;
-* ``upgrade`` and ``expect_continue`` are False on HTTP/1.0 requests (RFC 9110 §7.8, §10.1.1);
+* ``upgrade``: an Upgrade header that Connection nominates (``connection: upgrade``), on HTTP/1.1
+  only (RFC 9110 §7.8: an Upgrade header without the nomination is ignored);
+  ``expect_continue`` is False on HTTP/1.0 requests (RFC 9110 §10.1.1);
   an unknown ``Expect`` value is 417 on either version;
 * Connection elements must be tokens (400 otherwise); ``te: trailers`` is forwarded even when
   Connection nominates ``te`` (as Envoy does); nominations never affect framing;
@@ -568,7 +570,7 @@ def parse_request(buf, start=0):
     h._version = version
     h._host = authority if authority is not None else (hosts[0] if hosts else None)
     h._expect_continue = bool(expects) and version == 1
-    h._upgrade = upgrade and version == 1
+    h._upgrade = upgrade and version == 1 and b"upgrade" in tokens
     return h
 
 

@@ -457,13 +457,26 @@ def test_limits_raise_while_incomplete(h1):
     assert e.value.status == 400
 
 
+@pytest.mark.parametrize("conn,upgrade,expected", [
+    (b"Upgrade", b"websocket", True), (b"keep-alive, UPGRADE", b"WebSocket", True),
+    (b"keep-alive", b"websocket", False), (b"Upgrade", None, False)])
+def test_an_upgrade_request_needs_the_header_and_its_nomination(h1, conn, upgrade, expected):
+    data = b"GET / HTTP/1.1\r\nHost: a\r\nConnection: " + conn + b"\r\n"
+    if upgrade is not None:
+        data += b"Upgrade: " + upgrade + b"\r\n"
+    assert h1.parse_request(data + b"\r\n").upgrade is expected
+    # never on HTTP/1.0
+    assert not h1.parse_request(data.replace(b"HTTP/1.1", b"HTTP/1.0") + b"\r\n").upgrade
+
+
 def test_forward_headers_hop_by_hop(h1):
     data = (b"POST /p HTTP/1.1\r\nHost: a\r\nConnection: X-Hop, keep-alive, Content-Length, "
             b"Transfer-Encoding, Host\r\nKeep-Alive: timeout=5\r\nProxy-Connection: keep-alive\r\n"
             b"Upgrade: websocket\r\nTE: trailers\r\nX-Hop: 1\r\nx-hop: 2\r\nX-Keep: 3\r\n"
             b"Expect: 100-continue\r\nTransfer-Encoding: chunked\r\nX-Drop: 4\r\nCookie: c=1\r\n\r\n")
     h = h1.parse_request(data)
-    assert h.chunked and h.host == b"a" and h.keep_alive and h.upgrade and h.expect_continue
+    # Upgrade without `connection: upgrade` is no upgrade request (RFC 9110 §7.8)
+    assert h.chunked and h.host == b"a" and h.keep_alive and not h.upgrade and h.expect_continue
     assert h.forward_headers() == b"te: trailers\r\nx-keep: 3\r\nx-drop: 4\r\ncookie: c=1\r\n"
     assert h.forward_headers((b"x-drop", b"cookie")) == b"te: trailers\r\nx-keep: 3\r\n"
     assert h.forward_headers(drop=(b"te",)) == b"x-keep: 3\r\nx-drop: 4\r\ncookie: c=1\r\n"
