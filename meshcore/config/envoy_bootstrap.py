@@ -27,9 +27,9 @@ YAML, so Envoy gets meshcore's interpretation of every field (semantics.md §1, 
 - With `access_log`, a file access log in Istio's default text format (§10.2).
 
 Known differences in behaviour (Istio's defaults kept, since the Envoy side stands for a real
-Istio sidecar): meshcore does not normalise paths, does not forward websocket upgrades, answers
+Istio sidecar): meshcore does not normalise paths, answers
 `Expect: 100-continue` itself and ignores `grpc-timeout` on gRPC(-web) requests; Envoy here does
-all four as Istio configures it. One listener serves every service port (Istio has one per
+all three as Istio configures it. One listener serves every service port (Istio has one per
 port), so a request for `host:<port without a virtual host>` gets 404 from Envoy, where meshcore
 falls back to the bare host's virtual host.
 
