@@ -2410,6 +2410,7 @@ cdef class Stream(Handle):
     cdef public bint a_reused
     cdef public bint a_got
     cdef bint a_counted               # holds an rq_active unit and a book rq_start
+    cdef bint p_held                  # holds an rq_pending unit: waiting for a connection
     cdef public bint retried
     cdef double t_start
     cdef double t_wall
@@ -2810,15 +2811,18 @@ cdef class Stream(Handle):
         self.fresh = False
         if u is not None:
             return self.attach(u, True)
-        if c.try_acquire(C_CX_ACTIVE, c.max_connections):
-            return self.connect_new()
-        # Over maxConnections: wait as a pending request, or overflow at once. Envoy counts
-        # upstream_cx_overflow only for a request that then waits.
+        # No ready connection: the request is pending until it has one, whether a new
+        # connection is being opened for it or the connection limit makes it wait (Envoy's pool
+        # counts both against http1MaxPendingRequests), or it overflows at once.
         if not c.try_acquire(C_RQ_PENDING, c.max_pending):
             c.stat(W_RQ_PENDING_OVERFLOW, 1)
             return self.on_attempt_failed(K_OVERFLOW)
-        c.stat(W_CX_OVERFLOW, 1)
+        self.p_held = True
         c.stat(W_RQ_PENDING_TOTAL, 1)
+        if c.try_acquire(C_CX_ACTIVE, c.max_connections):
+            return self.connect_new()
+        # Over maxConnections: Envoy counts upstream_cx_overflow for a request that then waits.
+        c.stat(W_CX_OVERFLOW, 1)
         self.state = ST_PENDING
         c.pending.append(self)
         # Another worker may free a unit: re-check the shared gauge now and then.
@@ -2826,10 +2830,16 @@ cdef class Stream(Handle):
         return 0
 
     cdef void leave_pending(self):
-        self.cluster.release_unit(C_RQ_PENDING)
+        """Out of the cluster's wait queue (the pending unit is kept until a connection is
+        ready: release_pending)."""
         if self.t_wait.idx >= 0:
             self.loop.disarm(&self.t_wait)
         self.state = ST_NEW
+
+    cdef void release_pending(self):
+        if self.p_held:
+            self.p_held = False
+            self.cluster.release_unit(C_RQ_PENDING)
 
     cdef int connect_new(self) except -1:
         cdef UConn u = self.cluster.open(self.ep)
@@ -2849,6 +2859,7 @@ cdef class Stream(Handle):
         cdef Buf* o = &u.out
         cdef double now = mono()
         cdef long long expected
+        self.release_pending()
         u.stream = self
         u.requests += 1
         self.uc = u
@@ -2887,6 +2898,7 @@ cdef class Stream(Handle):
 
     cdef int end_attempt(self) except -1:
         """Give back the attempt's rq_active unit and per-endpoint count."""
+        self.release_pending()
         if self.a_counted:
             self.a_counted = False
             self.loop.inflight -= 1
