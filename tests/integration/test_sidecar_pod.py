@@ -15,6 +15,7 @@ pytestmark = pytest.mark.skipif(REASON is not None, reason=REASON or "")
 PROXY_UID = 1337
 APP_UID = 1000
 VIP = "10.96.0.20"
+RATINGS_VIP = "10.96.0.21"
 
 CONFIG = """
 apiVersion: networking.istio.io/v1
@@ -45,6 +46,40 @@ spec:
   hosts: [reviews]
   http:
   - route: [{{destination: {{host: reviews, subset: v2}}}}]
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: ratings}}
+spec:
+  hosts: [ratings.default.svc.cluster.local]
+  addresses: [{ratings_vip}]
+  ports: [{{number: 80, name: http, targetPort: 8080}}]
+  resolution: STATIC
+  endpoints:
+  - {{address: {v1}, labels: {{version: v1}}}}
+  - {{address: {v2}, labels: {{version: v2}}}}
+  - {{address: {dead}, labels: {{version: v2}}}}
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {{name: ratings}}
+spec:
+  host: ratings
+  trafficPolicy: {{loadBalancer: {{simple: ROUND_ROBIN}}}}
+  subsets:
+  - {{name: v1, labels: {{version: v1}}}}
+  - {{name: v2, labels: {{version: v2}}}}
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {{name: ratings}}
+spec:
+  hosts: [ratings]
+  http:
+  - route:
+    - {{destination: {{host: ratings, subset: v1}}, weight: 50}}
+    - {{destination: {{host: ratings, subset: v2}}, weight: 50}}
+    retries: {{attempts: 3, retryOn: connect-failure}}
 """
 
 
@@ -59,10 +94,12 @@ def pod():
         client = lab.add_pod("client")
         v1 = lab.add_pod("reviews-v1")
         v2 = lab.add_pod("reviews-v2")
+        dead = lab.add_pod("dead")  # an address where nothing listens: connections refused
         for server in (v1, v2):
             lab.spawn(server, [PYTHON, TOOLS, "http-server", 8080, server.name])
         with open(f"{config_dir}/mesh.yaml", "w") as f:
-            f.write(CONFIG.format(vip=VIP, v1=v1.ip, v2=v2.ip))
+            f.write(CONFIG.format(vip=VIP, v1=v1.ip, v2=v2.ip, ratings_vip=RATINGS_VIP,
+                                  dead=dead.ip))
         lab.run(client, [PYTHON, "-m", "meshcore", "iptables"])
         proxy = lab.spawn(client, [PYTHON, "-m", "meshcore", "run", "--sidecar", "--config",
                                    config_dir, "--workers", "1", "--prometheus", "off"],
@@ -88,3 +125,16 @@ def test_the_readiness_port_and_the_proxy_ports_stay_uncaptured(pod):
     # the app reaching the sidecar's own ports over loopback is not redirected to itself
     assert get(lab, client, "http://127.0.0.1:15021/healthz/ready").startswith("200 ")
     assert get(lab, client, "http://127.0.0.1:15000/ready").startswith("200 LIVE")
+
+
+def test_a_weighted_split_with_retries_on_a_failing_pod_behind_a_vip(pod):
+    lab, client, _, _ = pod
+    answers = [get(lab, client, f"http://{RATINGS_VIP}/", "Host:ratings") for _ in range(16)]
+    # every request answered, by both subsets (50/50), though v2's second pod refuses connections
+    assert all(a.startswith("200 reviews-v") for a in answers), answers
+    assert {a.split()[1] for a in answers} == {"reviews-v1", "reviews-v2"}
+    stats = get(lab, client, "http://127.0.0.1:15000/stats?filter=ratings", user=PROXY_UID)
+    retried = [line for line in stats.splitlines()
+               if line.startswith("cluster.outbound|80|v2|ratings.default.svc.cluster.local"
+                                  ".upstream_rq_retry:")]
+    assert retried and int(retried[0].split(": ")[1]) >= 1, stats
