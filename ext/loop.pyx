@@ -409,6 +409,7 @@ cdef class Loop:
     cdef list listeners
     cdef public object policy
     cdef dict fast_routes                   # host -> FastRoute (set_fast_routes)
+    cdef int fast_epoch                     # bumped by set_fast_routes: older tables are stale
     cdef public bint draining
     cdef public bint use_remote_address
     cdef public double header_timeout
@@ -638,6 +639,7 @@ cdef class Loop:
         """Hosts the loop routes without calling the policy (swapped by reference on reload):
         {lowercase host bytes (as the Host header carries it): FastRoute}. See FastRoute."""
         self.fast_routes = routes
+        self.fast_epoch += 1
 
     def add_listener(self, sock, str kind="explicit"):
         """Serve a listening socket (its fd is duplicated; the caller may close its object).
@@ -1451,6 +1453,8 @@ cdef class DConn(Conn):
     cdef public object target   # sidecar mode: what the policy chose for this connection
     cdef object orig            # (ip, port) the connection was captured to, or None
     cdef bint sniffing          # AUTO protocol: the policy decides on the first bytes
+    cdef dict fast              # sidecar mode: the port's FastRoute table (set_fast_routes)
+    cdef int fast_epoch         # the loop's fast_epoch when `fast` was set
 
     def __cinit__(self):
         self.proto = ServerConn.__new__(ServerConn)
@@ -1484,6 +1488,12 @@ cdef class DConn(Conn):
     def reject(self):
         """Close the connection now (BlackHoleCluster, over a limit)."""
         self.close()
+
+    def set_fast_routes(self, dict routes):
+        """The FastRoute table of this connection's port (None: every request asks decide);
+        valid until the loop's own table is replaced (a new snapshot)."""
+        self.fast = routes
+        self.fast_epoch = self.loop.fast_epoch
 
     cdef int start_tunnel(self, ClusterHandle cluster, int ep, object on_close) except -1:
         cdef Tunnel t = Tunnel.__new__(Tunnel)
@@ -2448,6 +2458,11 @@ cdef class Stream(Handle):
         return self.ds.target if self.ds is not None else None
 
     @property
+    def connection(self):
+        """The downstream connection (None for a mirror copy)."""
+        return self.ds
+
+    @property
     def original_destination(self):
         return self.ds.orig if self.ds is not None else None
 
@@ -2578,7 +2593,7 @@ cdef class Stream(Handle):
             return self.finish_local(_NO_ROUTE, True, b"", None)
         if h._upgrade and self.classify_upgrade(h, raw) < 0:
             return self.finish_local(_UPGRADE_FAILED, True, b"", None)
-        if loop.fast_routes and h._hs >= 0 and self.fast_decide(h, raw):
+        if h._hs >= 0 and self.fast_decide(h, raw):
             return self.proceed()
         loop.n_policy_calls += 1
         if loop.profile:
@@ -2630,13 +2645,18 @@ cdef class Stream(Handle):
         cdef FastRoute fr
         cdef object got
         cdef int ep
-        if self.ds.target is not None:
-            return False  # a captured connection: its route table is its port's
+        cdef dict table = self.loop.fast_routes
+        if self.ds.target is not None:  # a captured connection: its port's table, if current
+            if self.ds.fast is None or self.ds.fast_epoch != self.loop.fast_epoch:
+                return False
+            table = self.ds.fast
+        if not table:
+            return False
         if h.count_prefix_c("x-envoy-", 8):
             return False  # client overrides: the policy merges them
         if not h._path_slash and (h._pe == h._ps or raw[h._ps] != 47):
             return False  # a path not starting with "/" (OPTIONS *): the routes decide
-        got = self.loop.fast_routes.get(PyBytes_FromStringAndSize(raw + h._hs, h._he - h._hs))
+        got = table.get(PyBytes_FromStringAndSize(raw + h._hs, h._he - h._hs))
         if got is None:
             return False
         fr = <FastRoute>got

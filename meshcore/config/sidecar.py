@@ -127,6 +127,7 @@ class SidecarTable:
     any_port_ips: frozenset  # addresses of services without ports: HTTP on every port
     any_port_http: HttpTarget | None  # the table for those when the port has no table of its own
     inbound: dict  # port -> InboundTarget (declared ports)
+    catch_all: RoutePolicy | None = None  # allow_any / block_all (every HttpTarget's catch_all)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -226,11 +227,20 @@ def sidecar_routes(table: SidecarTable) -> list:
     """The routes a sidecar table adds beside the snapshot's virtual hosts (catch-alls, inbound),
     for the data path to compile handles for."""
     routes = [INBOUND_PASSTHROUGH_ROUTE]
+    if table.catch_all is not None:
+        routes.append(table.catch_all)
     for t in list(table.by_port.values()) + [table.any_port_http]:
         if t is not None and t.kind == KIND_HTTP:
             routes.append(t.catch_all)
     routes += [t.route for t in table.inbound.values() if t.route is not None]
     return routes
+
+
+def http_fallback(table: SidecarTable, port: int) -> HttpTarget:
+    """For an HTTP connection whose port a new config no longer serves as HTTP: no virtual
+    host, only the catch-all (allow_any / block_all)."""
+    return HttpTarget(KIND_HTTP, port, HTTP, RouteTable.from_vhosts({}), table.catch_all,
+                      table.default, _listener("0.0.0.0", port))
 
 
 def inbound_cluster_name(port: int) -> str:
@@ -390,7 +400,7 @@ def compile_sidecar(services: dict, vhosts: dict, clusters: dict, names, workloa
 
     return SidecarTable(outbound_traffic_policy, by_address, tuple(by_cidr), by_port, default,
                         frozenset(any_port_ips), any_port_http,
-                        _inbound(services, clusters, workload, rep))
+                        _inbound(services, clusters, workload, rep), catch_all)
 
 
 def _selects(selector: dict, workload) -> bool:

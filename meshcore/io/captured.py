@@ -6,10 +6,13 @@ inbound (15006) listener, and `sniffed(conn, data)` with the first bytes when th
 wait for them (`conn.sniff()`, a port whose protocol is undeclared). The answers, as Istio
 programs Envoy (meshcore.config.sidecar):
 
-* HTTP: `conn.target = (target, dest)`; every request on it is then routed by `route()` in the
-  target's table (the Host header picks the service among those on the port), and clusters whose
+* HTTP: `conn.target = (target, dest, snapshot, inbound)`; every request on it is then routed by
+  `route()` in the target's table (the Host header picks the service among those on the port;
+  the loop decides in C from the port's FastRoute table where it can), and clusters whose
   endpoints are the connection's own (PassthroughCluster, every-port services,
-  InboundPassthroughCluster) use `dest`.
+  InboundPassthroughCluster) use `dest`. After a config change the next request re-resolves the
+  connection's target in the new snapshot (`refresh`), as Envoy applies new routes to open
+  connections.
 * TCP: `conn.tunnel_to(cluster handle, endpoint)`: bytes both ways (Envoy's tcp_proxy), with the
   cluster's connection limit, connect timeout and byte counters, closed after an hour idle
   (Dataplane.sweep); a TCP line in the access log.
@@ -23,9 +26,10 @@ from __future__ import annotations
 import time
 
 from meshcore.config.discovery import connection_endpoints
-from meshcore.config.sidecar import (AUTO, BLACKHOLE_CLUSTER, INBOUND_PASSTHROUGH_ROUTE,
-                                     KIND_BLACKHOLE, KIND_HTTP, TCP, InboundTarget, http_route,
-                                     inbound_target, outbound_target, sniff_http)
+from meshcore.config.sidecar import (AUTO, BLACKHOLE_CLUSTER, INBOUND_ADDRESS,
+                                     INBOUND_PASSTHROUGH_CLUSTER, INBOUND_PASSTHROUGH_ROUTE,
+                                     KIND_BLACKHOLE, KIND_HTTP, TCP, InboundTarget, http_fallback,
+                                     http_route, inbound_target, outbound_target, sniff_http)
 
 
 
@@ -34,6 +38,14 @@ class CapturedConnections:
 
     def __init__(self, dataplane):
         self.dp = dataplane
+        self.port_fast: dict = {}  # id(HttpTarget) -> its port's FastRoute table
+
+    def install(self, snapshot, states: dict, routes: dict) -> None:
+        """A new snapshot: the FastRoute table of every HTTP port."""
+        from meshcore.io.dataplane import fast_routes_of
+        table = snapshot.sidecar
+        self.port_fast = {id(t): fast_routes_of(t.route_table, states, routes, t.port)
+                          for t in table.by_port.values() if t.kind == KIND_HTTP} if table else {}
 
     # -- per connection ---------------------------------------------------------------------
 
@@ -49,17 +61,38 @@ class CapturedConnections:
             if target.protocol == TCP:
                 self._tunnel(conn, target.cluster, dest)
                 return
-            conn.target = (target, dest)
+            conn.target = (target, dest, snapshot, True)
             if target.protocol == AUTO:
                 conn.sniff()
             return
         target = outbound_target(snapshot, ip, port)
         if target.kind == KIND_HTTP:
-            conn.target = (target, orig)
+            conn.target = (target, orig, snapshot, False)
+            conn.set_fast_routes(self.port_fast.get(id(target)))
             if target.protocol == AUTO:
                 conn.sniff()
             return
         self._tcp(conn, target, orig)
+
+    def refresh(self, conn):
+        """An HTTP connection accepted under an older snapshot: its target in the current one
+        (a port no longer HTTP keeps being parsed as HTTP, routed by the catch-all / inbound
+        passthrough, as the connection already speaks HTTP)."""
+        target, dest, _, inbound = conn.target
+        snapshot = self.dp.snapshot
+        port = conn.original_destination[1]
+        if inbound:
+            target = inbound_target(snapshot, port)
+            if target.route is None and target.cluster != INBOUND_PASSTHROUGH_CLUSTER:
+                target = InboundTarget(port, INBOUND_PASSTHROUGH_CLUSTER, AUTO, INBOUND_ADDRESS)
+            conn.target = (target, dest, snapshot, True)
+            return conn.target
+        target = outbound_target(snapshot, *conn.original_destination)
+        if target.kind != KIND_HTTP:  # the connection already speaks HTTP: the catch-all
+            target = http_fallback(snapshot.sidecar, port)
+        conn.target = (target, dest, snapshot, False)
+        conn.set_fast_routes(self.port_fast.get(id(target)))
+        return conn.target
 
     def sniffed(self, conn, data: bytes):
         """AUTO: HTTP/1.x -> True (the loop parses it), anything else -> a tunnel to the port's
@@ -67,7 +100,7 @@ class CapturedConnections:
         verdict = sniff_http(data)
         if verdict is None or verdict:
             return verdict
-        target, dest = conn.target
+        target, dest = conn.target[:2]
         conn.target = None
         if isinstance(target, InboundTarget):
             self._tunnel(conn, target.cluster, dest)
@@ -109,7 +142,7 @@ class CapturedConnections:
     @staticmethod
     def route(connection_target, head):
         """The route for a request on a captured HTTP connection (None: 404 NR)."""
-        target, _ = connection_target
+        target = connection_target[0]
         if isinstance(target, InboundTarget):
             return target.route or INBOUND_PASSTHROUGH_ROUTE
         return http_route(target, head.host, head)

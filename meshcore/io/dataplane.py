@@ -200,6 +200,8 @@ class Dataplane:
         self.clusters = states
         self.routes = routes
         self.loop.set_fast_routes(fast_routes(snapshot, states, routes))
+        if self.captured is not None:
+            self.captured.install(snapshot, states, routes)
         for name, prev in old.items():
             if states.get(name) is not prev:
                 prev.handle.retired = True
@@ -287,6 +289,8 @@ class Dataplane:
         if captured is None:
             route = find_route(self.snapshot, head.host, head)
         else:  # run --sidecar: the table of the port the client connected to
+            if captured[2] is not self.snapshot:  # a connection older than the config
+                captured = self.captured.refresh(stream.connection)
             route = self.captured.route(captured, head)
         if route is None:
             stream.reply(lr.NO_ROUTE)
@@ -556,8 +560,15 @@ def fast_routes(snapshot, states: dict, routes: dict) -> dict:
     nothing per request that decide() would
     do (one destination; no fault, mirror, hashing, CORS, redirect, direct response, rewrite or
     header edits), and its cluster's endpoints are fixed and its balancer stateless."""
-    table = snapshot.route_table or RouteTable.from_vhosts(snapshot.vhosts)
+    return fast_routes_of(snapshot.route_table or RouteTable.from_vhosts(snapshot.vhosts),
+                          states, routes)
+
+
+def fast_routes_of(table, states: dict, routes: dict, port: int = 0) -> dict:
+    """fast_routes for one RouteTable; with `port` (a sidecar port's table, where the Host
+    header's port is ignored), each name also as `name:port`."""
     out = {}
+    suffix = b":%d" % port if port else None
     for key, vhost in table.exact.items():
         if not vhost.routes:
             continue
@@ -577,7 +588,9 @@ def fast_routes(snapshot, states: dict, routes: dict) -> dict:
             continue
         kind = stateless_kind(state.balancer)
         if kind is not None:
-            out[key] = FastRoute(routes[id(route)], state.handle, kind)
+            out[key] = fast = FastRoute(routes[id(route)], state.handle, kind)
+            if suffix is not None and b":" not in key:
+                out.setdefault(key + suffix, fast)
     return out
 
 
