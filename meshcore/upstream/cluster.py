@@ -18,7 +18,6 @@ from meshcore.shm import layout as L
 from meshcore.upstream import breaker, outlier
 from meshcore.upstream.balancer import make_cluster_balancer
 from meshcore.upstream.pool import PoolBook
-from meshcore.upstream.ring import pick_excluding
 
 MAX_IDLE_PER_ENDPOINT = 64
 
@@ -122,6 +121,8 @@ class ClusterState:
         if exclude:
             if index is not None:
                 exclude = {index.index(e) for e in exclude if e in index}
+            # imported here: workers without consistent hashing never load the ring (1 MB RSS)
+            from meshcore.upstream.ring import pick_excluding
             i = pick_excluding(table, h, exclude)
         else:
             i = table.pick(h, 0)
