@@ -31,7 +31,7 @@ def now_ms() -> int:
 
 class ClusterState:
     __slots__ = ("policy", "slots", "endpoints", "book", "balancer", "idle_timeout", "row",
-                 "hosts", "stats", "outlier", "limits", "n", "table", "handle", "_tables")
+                 "held", "hosts", "stats", "outlier", "limits", "n", "table", "handle", "_tables")
 
     def __init__(self, policy: ClusterPolicy, rng: random.Random, segment, worker: int, slots,
                  book=None):
@@ -57,6 +57,7 @@ class ClusterState:
         self.limits = policy.limits if policy.limits is not None else breaker.DEFAULT_LIMITS
         cslot, hslots = slots
         self.row = segment.cluster(cslot)
+        self.held = segment.holdings(worker, cslot)  # this worker's units of the row's gauges
         self.hosts = [segment.host(s) for s in hslots]
         self.stats = segment.worker_stats(worker, cslot)
 
@@ -133,10 +134,11 @@ class ClusterState:
     # the retry budget is taken here, by the retry policy on the failure path.
 
     def try_retry(self) -> bool:
-        return breaker.try_acquire(self.row.rq_retry_active, self.limits.max_retries)
+        return breaker.try_acquire(self.row.rq_retry_active, self.limits.max_retries,
+                                   self.held.rq_retry_active)
 
     def end_retry(self) -> None:
-        breaker.release(self.row.rq_retry_active)
+        breaker.release(self.row.rq_retry_active, self.held.rq_retry_active)
 
     def on_result(self, ep: int, outcome) -> None:
         """One attempt on endpoint `ep` ended with `outcome` (meshcore.policy.classify): its
