@@ -407,7 +407,7 @@ class Dataplane:
                 stream.next_ep = ep
                 stream.fresh = True
             else:
-                nep = state.pick(st.exclude, plan.hashed)
+                nep = state.pick(st.exclude, plan.hashed, st.host_selection_retry_max_attempts)
                 if nep < 0:  # every host ejected and no panic: Envoy's fast 503
                     st.release()
                     stream.reply(lr.NO_HEALTHY_UPSTREAM, flags="URX,UH" if plan.retried else "UH")
