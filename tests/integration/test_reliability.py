@@ -326,3 +326,25 @@ def test_out_of_descriptors_backs_off_and_recovers_by_itself(tmp_path, slow_pod,
         for s in flood:
             s.close()
         px.stop()
+
+
+# --- item 12: a fault delay is flagged DI in the access log --------------------------------------
+
+def test_fault_delay_is_flagged_di_in_the_access_log(tmp_path, slow_pod):
+    mesh = slow_mesh(slow_pod.port("slow")).replace(
+        "  - route: [{destination: {host: slow-service}}]\n",
+        "  - route: [{destination: {host: slow-service}}]\n"
+        "    fault: {delay: {fixedDelay: 50ms, percentage: {value: 100}}}\n")
+    log = str(tmp_path / "access.log")
+    px = Proxy([write_config(str(tmp_path), mesh)], workers=1, log_path=log)
+    try:
+        assert get(px.port, "/status/200", host="slow-service").status == 200
+        assert get(px.port, "/status/503", host="slow-service").status == 503
+    finally:
+        px.stop()
+    with open(log) as f:
+        lines = [l for l in f.read().splitlines() if '"GET /status/' in l]
+    assert len(lines) == 2, lines
+    for line in lines:
+        status, flags = line.split('" ', 1)[1].split()[:2]
+        assert flags == "DI", line
