@@ -144,11 +144,12 @@ _nonces = itertools.count()
 
 
 class Load:
-    """`clients` threads sending requests for `seconds` (or until stop())."""
+    """`clients` threads sending requests for `seconds` (or until stop()); with `once`, each
+    sends exactly one request."""
 
     def __init__(self, port: int, clients: int, seconds: float, seed: int = 1,
                  paths=("/get", "/post-safe", "/post-reset"), timeout: float = 10.0,
-                 backend_ms: int = 0):
+                 backend_ms: int = 0, once: bool = False):
         self.port = port
         self.outcomes: list[Outcome] = []
         self.lock = threading.Lock()
@@ -156,6 +157,7 @@ class Load:
         self.timeout = timeout
         self.paths = paths
         self.backend_ms = backend_ms  # each request waits up to this long at the origin
+        self.once = once
         self.threads = [threading.Thread(target=self._client, args=(random.Random(seed + i),),
                                          daemon=True) for i in range(clients)]
         for t in self.threads:
@@ -174,7 +176,7 @@ class Load:
         buf = b""
         sent = 0
         previous = ""
-        while time.monotonic() < self.deadline:
+        while self.once or time.monotonic() < self.deadline:
             path = rng.choice(self.paths)
             method = "GET" if path.startswith("/get") else "POST"
             if self.backend_ms:
@@ -205,6 +207,8 @@ class Load:
             previous = str(o.status or o.error)
             with self.lock:
                 self.outcomes.append(o)
+            if self.once:
+                break
         if sock is not None:
             sock.close()
 

