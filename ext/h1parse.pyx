@@ -70,6 +70,7 @@ R_CONNECT_TARGET = "CONNECT requires an authority-form target"
 R_ASTERISK = "asterisk-form target requires OPTIONS"
 R_ABS_AUTHORITY = "invalid authority in request target"
 R_TARGET_FORM = "invalid request target form"
+R_FRAGMENT = "fragment in request target"
 R_OBS_FOLD = "line starts with whitespace (obs-fold)"
 R_NO_COLON = "field line without colon"
 R_WS_COLON = "whitespace before colon"
@@ -949,7 +950,9 @@ cdef RequestHead parse_request_c(const unsigned char* b, Py_ssize_t n, Py_ssize_
         _raise(R_VERSION, 400)
     version = b[v + 7] - 0x30
 
-    # target form
+    # target form; a fragment is never sent (RFC 9110 section 4.2.4): Envoy answers 400
+    if memchr(b + ts, 0x23, te - ts) != NULL:
+        _raise(R_FRAGMENT, 400)
     if me - ms == 7 and memcmp(b + ms, b"CONNECT", 7) == 0:
         if not _valid_authority(b, ts, te, True):
             _raise(R_CONNECT_TARGET, 400)

@@ -1991,6 +1991,7 @@ cdef class ClusterHandle:
     cdef list keys                    # endpoint "ip:port" as bytes (access log %UPSTREAM_HOST%)
     cdef char* stats                  # this worker's stats row
     cdef char* crow                   # the cluster's breaker row
+    cdef char* hold                   # this worker's holdings of crow's gauges (or NULL)
     cdef char** hosts                 # host rows
     cdef char** host_stats            # this worker's per-host counter rows (NULL: not kept)
     cdef char* hist                   # this worker's upstream_rq_time histogram row (or NULL)
@@ -2008,15 +2009,17 @@ cdef class ClusterHandle:
         self.hosts = NULL
         self.host_stats = NULL
         self.hist = NULL
+        self.hold = NULL
 
     def __init__(self, Loop loop, name, endpoints, *, Py_ssize_t stats_off, Py_ssize_t cluster_off,
                  host_offs, limits=(UNLIMITED, UNLIMITED, UNLIMITED), double connect_timeout=10.0,
                  double idle_timeout=3600.0, int max_requests_per_connection=0,
                  bint outlier=False, bint outlier_split=False, Py_ssize_t max_idle=64,
-                 host_stat_offs=None, Py_ssize_t hist_off=-1):
+                 host_stat_offs=None, Py_ssize_t hist_off=-1, Py_ssize_t holdings_off=-1):
         """`endpoints`: (address, port, key) per endpoint; offsets are into the loop's shm
         (`host_stat_offs`/`hist_off`: this worker's per-host counters and upstream_rq_time
-        histogram, kept when the loop records metrics)."""
+        histogram, kept when the loop records metrics; `holdings_off`: this worker's holdings
+        row of the cluster's breaker gauges, which the supervisor returns if the worker dies)."""
         cdef Py_ssize_t i
         cdef object info
         import collections
@@ -2050,6 +2053,8 @@ cdef class ClusterHandle:
             self.hosts[i] = loop.shm + <Py_ssize_t>(host_offs[i] if host_offs else cluster_off)
         self.stats = loop.shm + stats_off
         self.crow = loop.shm + cluster_off
+        if holdings_off >= 0:
+            self.hold = loop.shm + holdings_off
         self.max_connections, self.max_pending, self.max_requests = limits
         self.connect_timeout = connect_timeout
         self.idle_timeout = idle_timeout if idle_timeout > 0 else 1e18
@@ -2092,9 +2097,13 @@ cdef class ClusterHandle:
         (<uint64_t*>(self.stats + idx * 8))[0] += n
 
     cdef bint try_acquire(self, int off, uint32_t limit) noexcept:
-        """meshcore.upstream.breaker.try_acquire on a cluster-row gauge: exact across workers."""
+        """meshcore.upstream.breaker.try_acquire on a cluster-row gauge: exact across workers.
+        The unit is counted in this worker's holdings row first (single writer), so a kill at
+        any point never leaves the gauge holding more than the row says (breaker's rules)."""
         cdef void* p = self.crow + off
         cdef uint32_t v
+        if self.hold != NULL:  # a plain add: the seq_cst atomics below keep it before them
+            (<uint32_t*>(self.hold + off))[0] += 1
         if limit >= UNLIMITED:
             mc_add32(p, 1)
             return True
@@ -2103,12 +2112,19 @@ cdef class ClusterHandle:
             if mc_cas32(p, v, v + 1):
                 return True
             v = mc_load32(p)
+        if self.hold != NULL:
+            (<uint32_t*>(self.hold + off))[0] -= 1
         return False
 
     cdef void release_unit(self, int off) noexcept:
         cdef void* p = self.crow + off
+        cdef uint32_t* h
         if mc_add32(p, -1) == 0:
             mc_add32(p, 1)  # never wrap below zero
+        if self.hold != NULL:  # uncounted after the gauge gave it back (breaker's rules)
+            h = <uint32_t*>(self.hold + off)
+            if h[0]:
+                h[0] -= 1
 
     cdef void host_attempt(self, int ep, int kind, int status, bint reused) noexcept:
         """meshcore.metrics.recorder.host_attempt: one attempt in the host's counters."""

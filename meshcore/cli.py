@@ -56,6 +56,12 @@ def _positive_int(text: str) -> int:
     return int(text)
 
 
+def _non_negative_int(text: str) -> int:
+    if not text.isascii() or not text.isdigit() or int(text) > 2**31 - 1:
+        raise argparse.ArgumentTypeError(f"expected an integer from 0 to 2147483647, got {text!r}")
+    return int(text)
+
+
 def _port_base(text: str) -> int:
     if not text.isdigit() or not (int(text) == 0 or 1 <= int(text) <= 65535 - 19):
         raise argparse.ArgumentTypeError(f"expected 0 or a port number up to 65516, got {text!r}")
@@ -290,6 +296,10 @@ def _add_run_flags(p) -> None:
                         "Istio sidecars)")
     p.add_argument("--request-headers-timeout", type=float, default=10.0, metavar="SECONDS",
                    help="answer 408 and close when a request head takes longer (default 10)")
+    p.add_argument("--max-connections", type=_non_negative_int, default=0, metavar="N",
+                   help="per worker, close new client connections at once while N are open, "
+                        "counted as listener downstream_global_cx_overflow (Envoy's overload "
+                        "max_active_downstream_connections) (default 0: no limit)")
     p.add_argument("--admin-unsafe", action="store_true",
                    help="allow a non-loopback admin address (default: loopback only)")
     p.add_argument("--dns-refresh-rate", type=_positive_float, default=60.0, metavar="SECONDS",
@@ -425,6 +435,7 @@ def cmd_run(args) -> int:
         return 2
     options = {"access_log": not args.no_access_log, "use_remote_address": args.use_remote_address,
                "request_headers_timeout": args.request_headers_timeout,
+               "max_connections": args.max_connections,
                "dns_refresh_rate": args.dns_refresh_rate, "workload": _workload_options(args),
                "health": health,
                "sidecar": ({"inbound_listen": inbound,

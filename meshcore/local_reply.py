@@ -8,6 +8,8 @@ import time
 from http import HTTPStatus
 from typing import NamedTuple
 
+from meshcore.proto.h1_parse import R_FRAGMENT
+
 _RESET_PREFIX = "upstream connect error or disconnect/reset before headers. "
 
 
@@ -41,6 +43,9 @@ OVERLOADED_HEADER = b"x-envoy-overloaded: true\r\n"
 HTTP10_REJECTED = LocalReply(426, b"Upgrade Required", "-", "low_version")
 # an Upgrade other than websocket (Istio's only upgrade_configs entry); the connection is closed
 UPGRADE_FAILED = LocalReply(403, b"", "-", "upgrade_failed")
+# A target with a fragment: Envoy's connection manager refuses it (not its codec): empty body.
+PATH_NORMALIZATION_FAILED = LocalReply(400, b"", "-", "path_normalization_failed")
+_BY_REASON = {R_FRAGMENT: PATH_NORMALIZATION_FAILED}
 INTERNAL_ERROR = LocalReply(500, b"internal error", "-", "meshcore_internal_error")
 
 
@@ -52,8 +57,12 @@ def retried(reply: LocalReply) -> LocalReply:
     return reply._replace(body=_RESET_PREFIX.encode() + b"retried and the latest reset reason: " + reason)
 
 
-def downstream_protocol_error(status: int) -> LocalReply:
-    """Reply to a malformed request (hardening.md §1.6): Envoy flag DPE, body is the reason phrase."""
+def downstream_protocol_error(status: int, reason: str | None = None) -> LocalReply:
+    """Reply to a malformed request (hardening.md §1.6): Envoy flag DPE, body is the reason phrase;
+    the parser's `reason` picks Envoy's own reply where Envoy refuses it elsewhere (a fragment)."""
+    reply = _BY_REASON.get(reason)
+    if reply is not None:
+        return reply
     return LocalReply(status, reason_phrase(status), "DPE", "codec_error")
 
 

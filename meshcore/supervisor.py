@@ -4,9 +4,16 @@ Workers are spawned (not forked) so each starts from a clean interpreter; each b
 SO_REUSEPORT socket and receives the validated config sources over a pipe. A config that fails
 validation is reported and never reaches a worker.
 
-Error handling: a worker that dies is restarted (with a short backoff when it keeps dying); a
+Error handling: a worker that dies is restarted (with a short backoff when it keeps dying), after
+the supervisor has given back the circuit-breaker units it held and forgotten its connections
+(meshcore.upstream.breaker.return_worker_holdings), so limits stay exact after any crash; a
 failed reload leaves the running config in place; SIGTERM/SIGINT drain the workers for up to
 `grace` seconds, then stop them.
+
+Start-up failures are one line and exit code 1, never a restart loop or a traceback: an address
+that cannot be listened on (proxy, admin or Prometheus; checked before anything starts, and again
+by the listener itself: a worker that cannot bind reports it over its pipe and exits) prints
+`meshcore: cannot listen on 127.0.0.1:15001: address already in use`.
 """
 from __future__ import annotations
 
@@ -27,6 +34,7 @@ from meshcore.config.load import read_sources
 from meshcore.errors import ConfigError
 from meshcore.metrics import istio as istio_metrics
 from meshcore.metrics.envoy import Baseline, collect_stats, select
+from meshcore.metrics.istio import forget_connections
 from meshcore.metrics.labels import (DestinationRegistry, destination_for_cluster,
                                      destination_for_endpoint, source_identity)
 from meshcore.metrics.prometheus import render as render_prometheus
@@ -34,8 +42,10 @@ from meshcore.metrics.prometheus import render_histogram
 from meshcore.shm.layout import C_DEST_ID, H_DEST_ID, Layout
 from meshcore.shm.segment import Segment
 from meshcore.shm.slots import SlotAllocator, SlotsExhausted
+from meshcore.startup import listen_problem, probe, raise_nofile_limit
 from meshcore.stats_render import StatsCluster, cluster_views, render_stats
 from meshcore.upstream import outlier
+from meshcore.upstream.breaker import return_worker_holdings
 from meshcore.upstream.balancer import stamp_joined
 from meshcore.upstream.cluster import now_ms
 from meshcore.worker import worker_main
@@ -109,6 +119,7 @@ class Supervisor:
         self.segment = Segment.create(Layout(MAX_HOSTS, MAX_CLUSTERS, workers))
         self.allocator = SlotAllocator(MAX_CLUSTERS, MAX_HOSTS)
         self.stopping = False
+        self.failure = None  # a start-up problem (one line); run() then exits 1
         self.reloads_ok = 0
         self.reloads_rejected = 0
         # observability (admin, Prometheus)
@@ -150,6 +161,7 @@ class Supervisor:
             for w in range(len(self.workers)):
                 self.segment.worker_stats(w, slot).clear()
                 _zero(cells, layout.cluster_hist_off(w, slot), 192)
+                self.segment.holdings(w, slot).clear()
         for slot in new_hosts:
             self.segment.host(slot).clear()
             for w in range(len(self.workers)):
@@ -199,6 +211,16 @@ class Supervisor:
     # === run ===
 
     def run(self) -> int:
+        raise_nofile_limit()
+        inbound = self.sidecar["inbound_listen"] if self.sidecar is not None else None
+        for address in (self.listen, inbound, self.admin, self.health_address,
+                        self.prometheus_address):
+            problem = probe(address) if address is not None else None
+            if problem:
+                print(f"meshcore: {problem}", file=sys.stderr, flush=True)
+                self.segment.unlink()
+                self.segment.close()
+                return 1
         try:
             self.sources, self.snapshot, self.slots = self.load()
         except ConfigError as exc:
@@ -217,23 +239,33 @@ class Supervisor:
         finally:
             self.segment.unlink()
             self.segment.close()
-        return 0
+        return 1 if self.failure else 0
+
+    def fail(self, problem: str) -> None:
+        """A start-up failure (an address that cannot be listened on): said once, no restarts,
+        stop, and `run` returns 1."""
+        if self.failure is None:
+            self.failure = problem
+            print(f"meshcore: {problem}", file=sys.stderr, flush=True)
+        self.stopping = True
+        if self._quit is not None:
+            self._quit.set()
 
     async def _main(self) -> None:
         self._quit = trio.Event()
         async with trio.open_nursery() as nursery:
             await nursery.start(self._signals)
-            await nursery.start(serve_admin, self, self.admin)
-            if self.health_address is not None:
-                await nursery.start(serve_health, self, self.health_address)
-            if self.prometheus_address is not None:
+            for serve, address in ((serve_admin, self.admin),
+                                   (serve_health, self.health_address),
+                                   (serve_prometheus, self.prometheus_address)):
+                if address is None:
+                    continue
                 try:
-                    await nursery.start(serve_prometheus, self, self.prometheus_address)
-                except OSError as exc:  # a metrics port in use must not stop the proxy
-                    host, port = self.prometheus_address
-                    log(f"Prometheus listener {host}:{port} not started: {exc}; "
-                        f"/stats/prometheus stays on the admin port", "admin", "error")
-                    self.prometheus_address = None
+                    await nursery.start(serve, self, address)
+                except OSError as exc:  # taken since run() probed it
+                    self.fail(listen_problem(address, exc))
+                    nursery.cancel_scope.cancel()
+                    return
             for worker in self.workers:
                 nursery.start_soon(self._run_worker, worker)
             if self.watch:
@@ -299,6 +331,11 @@ class Supervisor:
                 nursery.cancel_scope.cancel()
             slot.process.join()
             slot.ready = False
+            try:
+                while slot.conn.poll():  # what it said just before it exited ("fatal")
+                    self._on_message(slot, *slot.conn.recv())
+            except (EOFError, OSError):
+                pass
             slot.conn.close()
             slot.conn = None
             if self.stopping:
@@ -306,7 +343,7 @@ class Supervisor:
             slot.restarts += 1
             log(f"worker {slot.index} (pid {slot.process.pid}) exited with {slot.process.exitcode}; restarting",
                 "main", "error")
-            self._repair_after_crash()
+            self._repair_after_crash(slot.index)
             # Back off only when it keeps dying young, so a crash loop cannot spin the CPU.
             backoff = 0.0 if time.monotonic() - started > 10 else min(RESTART_BACKOFF_MAX, backoff * 2 or 0.1)
             await trio.sleep(backoff)
@@ -319,14 +356,19 @@ class Supervisor:
                 verb, payload = conn.recv()
             except (EOFError, OSError):
                 return
-            if verb == "ready":
-                slot.ready = True
-                if slot.generation != self.generation:  # a reload raced with its start
-                    conn.send(("config", self.config_message()))
-            elif verb == "loaded":
-                slot.generation = payload
-            elif verb == "error":
-                log(f"worker {slot.index}: {payload}")
+            self._on_message(slot, verb, payload)
+
+    def _on_message(self, slot: WorkerSlot, verb: str, payload) -> None:
+        if verb == "ready":
+            slot.ready = True
+            if slot.generation != self.generation:  # a reload raced with its start
+                slot.conn.send(("config", self.config_message()))
+        elif verb == "loaded":
+            slot.generation = payload
+        elif verb == "error":
+            log(f"worker {slot.index}: {payload}")
+        elif verb == "fatal":  # it cannot serve at all (its listen address): stop, exit 1
+            self.fail(payload)
 
     async def _watch(self) -> None:
         last = _fingerprint(self.config_paths)
@@ -394,8 +436,18 @@ class Supervisor:
                     outlier.sweep(hosts, row, now, policy)
                     due[name] = now + policy.interval_ms
 
-    def _repair_after_crash(self) -> None:
-        """A worker killed mid-ejection can leak a unit of ejections_active: recount it."""
+    def _repair_after_crash(self, worker: int) -> None:
+        """Before a dead worker is restarted: give back the breaker units it held (its holdings
+        rows), forget its connections, and recount ejections_active (a worker killed
+        mid-ejection can leak a unit of it)."""
+        cells, layout = self.segment.cells, self.segment.layout
+        returned = return_worker_holdings(cells, layout, worker)
+        if returned:
+            names = {cslot: name for name, (cslot, _) in (self.slots or {}).items()}
+            log(f"worker {worker} held circuit-breaker units; returned: " + ", ".join(
+                f"{names.get(slot, f'slot {slot}')} ({_held_text(held)})"
+                for slot, held in sorted(returned.items())), "upstream")
+        forget_connections(cells, layout, worker)
         for _, _, row, hosts in self._outlier_clusters():
             outlier.recount_ejections(hosts, row)
 
@@ -551,6 +603,12 @@ class Supervisor:
                          "ready": s.ready, "generation": s.generation, "restarts": s.restarts}
                         for s in self.workers],
         }
+
+
+def _held_text(held) -> str:
+    return ", ".join(f"{name} {n}" for name, n in zip(
+        ("upstream_cx_active", "upstream_rq_pending_active", "upstream_rq_active",
+         "rq_retry_active"), held) if n)
 
 
 def _zero(cells, off: int, size: int) -> None:

@@ -11,7 +11,8 @@ Control messages arrive over a multiprocessing pipe as (verb, payload) tuples:
                                  `slots` maps its clusters to shared-memory rows
 Workers never parse YAML (nor import the config compiler): that keeps their memory small.
   ("drain", grace_seconds)           stop accepting, finish in-flight requests, exit
-Replies: ("ready", pid) once listening; ("loaded", generation) or ("error", text) after a config.
+Replies: ("ready", pid) once listening; ("loaded", generation) or ("error", text) after a config;
+("fatal", text) when it cannot listen at all (then it exits: a restart would fail the same way).
 """
 from __future__ import annotations
 
@@ -23,7 +24,9 @@ import time
 import trio
 
 from meshcore.io.sockets import reuseport_listener
+from meshcore.metrics.istio import AcceptOverflow
 from meshcore.shm.segment import Segment
+from meshcore.startup import listen_problem
 
 IDLE_SWEEP_INTERVAL = 5.0
 LOG_FLUSH_INTERVAL = 0.2
@@ -38,7 +41,18 @@ def worker_main(conn, index: int, segment_name: str, listen: tuple[str, int], sn
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     from meshcore.io.dataplane import Dataplane
     segment = Segment.attach(segment_name)
-    listener = reuseport_listener(*listen)
+    inbound_at = (options.get("sidecar") or {}).get("inbound_listen")  # run --sidecar
+    where = listen
+    try:
+        listener = reuseport_listener(*listen)
+        inbound = None
+        if inbound_at is not None:
+            where = inbound_at
+            inbound = reuseport_listener(*inbound_at)
+    except OSError as exc:  # said once, over the pipe: the supervisor stops instead of looping
+        conn.send(("fatal", listen_problem(where, exc)))
+        segment.close()
+        return
     dp = Dataplane(snapshot, slots, segment, index,
                    access_log=options.get("access_log", True),
                    access_log_file=options.get("access_log_file"),
@@ -46,14 +60,14 @@ def worker_main(conn, index: int, segment_name: str, listen: tuple[str, int], sn
                    access_log_format=options.get("access_log_format"),
                    use_remote_address=options.get("use_remote_address", False),
                    header_timeout=options.get("request_headers_timeout", 10.0),
+                   max_connections=options.get("max_connections", 0),
                    max_events=MAX_EVENTS,
                    # run --sidecar: plain values for the data path (meshcore.config.sidecar)
                    **_sidecar_arguments(options.get("sidecar")),
                    # MESHCORE_METRICS=off: a developer aid to measure what recording costs
                    metrics=os.environ.get("MESHCORE_METRICS") != "off")
-    if dp.sidecar:  # captured connections: routed by their original destination first
+    if inbound is not None:  # captured connections: routed by their original destination first
         dp.loop.add_listener(listener, "outbound")
-        inbound = reuseport_listener(*dp.inbound_listen)
         dp.loop.add_listener(inbound, "inbound")
         inbound.close()
     else:
@@ -113,9 +127,11 @@ async def drive(loop) -> None:
 
 
 async def housekeeping(dp) -> None:
-    """Flush the access log often, sweep idle connections now and then."""
+    """Flush the access log often, sweep idle connections now and then, publish the loop's
+    accept overflows (a listener stat)."""
     ticks_per_sweep = int(IDLE_SWEEP_INTERVAL / LOG_FLUSH_INTERVAL)
     tick = 0
+    overflow = AcceptOverflow(dp.segment.cells, dp.segment.layout, dp.worker)
     # MESHCORE_LOOP_STATS=PATH (a developer and bench aid): time the policy calls and the access
     # log, and write the loop's counters with this process's CPU times to PATH.<pid> each tick.
     stats_path = os.environ.get("MESHCORE_LOOP_STATS")
@@ -124,6 +140,7 @@ async def housekeeping(dp) -> None:
     while True:
         await trio.sleep(LOG_FLUSH_INTERVAL)
         dp.flush_log()
+        overflow.publish(dp.loop.n_accept_overflow)
         tick += 1
         if tick % ticks_per_sweep == 0:
             dp.sweep()

@@ -81,7 +81,10 @@ class Sidecar:
         cmd = [sys.executable, "-m", "meshcore", "run", "--config", self.config,
                "--listen", f"{self.listen[0]}:{self.listen[1]}",
                "--admin", f"{self.admin[0]}:{self.admin[1]}", "--workers", str(self.workers),
-               "--drain-grace", "1"]
+               "--drain-grace", "1",
+               # Istio's fixed 0.0.0.0:15090 is for a real sidecar; the demo's admin port serves
+               # /stats/prometheus, and a taken 15090 must not stop the demo
+               "--prometheus", "off"]
         return cmd + ([] if self.access_log else ["--no-access-log"])
 
     def start(self) -> None:

@@ -122,8 +122,8 @@ class Dataplane:
                  access_log_file=None, access_log_encoding: str = "text",
                  access_log_format=None, use_remote_address: bool = False,
                  header_timeout: float = 10.0, idle_timeout: float = 3600.0,
-                 max_events: int = 256, metrics: bool = True, spawn=None,
-                 sidecar: bool = False, inbound_listen=None,
+                 max_connections: int = 0, max_events: int = 256, metrics: bool = True,
+                 spawn=None, sidecar: bool = False, inbound_listen=None,
                  outbound_traffic_policy: str = "ALLOW_ANY"):
         # run --sidecar (meshcore.config.sidecar): connections on the outbound listener are routed
         # by their original destination (outbound_target), `inbound_listen` (host, port) is where
@@ -158,7 +158,7 @@ class Dataplane:
             self.logs_tcp = log_mode == 1
         self.loop = Loop(self, max_events=max_events, log_fd=log_fd, log_mode=log_mode,
                          use_remote_address=use_remote_address, header_timeout=header_timeout,
-                         idle_timeout=idle_timeout)
+                         idle_timeout=idle_timeout, max_connections=max_connections)
         self.loop.attach_shm(segment.buf)
         self.metrics = metrics  # Istio metrics, per-host counters, final charges (meshcore.metrics)
         if metrics:
@@ -231,7 +231,8 @@ class Dataplane:
             max_idle=MAX_IDLE_PER_ENDPOINT,
             host_stat_offs=[layout.host_stats_off(self.worker, s) for s in hslots]
             if self.metrics and hslots else None,
-            hist_off=layout.cluster_hist_off(self.worker, cslot) if self.metrics else -1)
+            hist_off=layout.cluster_hist_off(self.worker, cslot) if self.metrics else -1,
+            holdings_off=layout.holdings_off(self.worker, cslot))
         state = ClusterState(policy, self.rng, self.segment, self.worker, slots, book=handle.book)
         state.handle = handle
         handle.state = state
@@ -453,7 +454,7 @@ class Dataplane:
                 stream.next_ep = ep
                 stream.fresh = True
             else:
-                nep = state.pick(st.exclude, plan.hashed)
+                nep = state.pick(st.exclude, plan.hashed, st.host_selection_retry_max_attempts)
                 if nep < 0:  # every host ejected and no panic: Envoy's fast 503
                     st.release()
                     stream.reply(lr.NO_HEALTHY_UPSTREAM, flags="URX,UH" if plan.retried else "UH")

@@ -9,7 +9,8 @@ Rules of this module:
   `envoy_cluster_upstream_rq_xx{envoy_response_code_class="2",cluster_name="<c>"}`.
 * Cluster stats come from meshcore.stats_render.cluster_stats; listener and http connection
   manager stats from the workers' Istio blocks (downstream connections, and the response code
-  classes of the requests recorded there); server stats from what the supervisor knows.
+  classes of the requests recorded there, and the connections closed at accept:
+  `downstream_global_cx_overflow`); server stats from what the supervisor knows.
 * `/reset_counters` is a baseline, not a store: `Baseline.reset(stats)` remembers every counter's
   value and later reads subtract it (never below 0). Workers are the only writers of their cells,
   so zeroing them from the supervisor could lose a concurrent add; a baseline cannot. Gauges are
@@ -22,7 +23,7 @@ from __future__ import annotations
 import re
 from typing import NamedTuple
 
-from meshcore.metrics.istio import collect
+from meshcore.metrics.istio import accept_overflow_total, collect
 from meshcore.stats_render import StatsCluster, cluster_stats
 
 __all__ = ["Stat", "Baseline", "collect_stats", "select", "render_text", "render_json",
@@ -86,6 +87,11 @@ def collect_stats(cells, layout, clusters, now_ms: int, *, listen=("0.0.0.0", 15
                     "envoy_listener_downstream_cx_total", lt))
     out.append(Stat(f"listener.{addr}.downstream_cx_active", cx_active, "gauge",
                     "envoy_listener_downstream_cx_active", lt))
+    # Envoy's overload-manager connection limit counter; here also accepts refused for lack of
+    # descriptors (both close the new connection at once)
+    out.append(Stat(f"listener.{addr}.downstream_global_cx_overflow",
+                    accept_overflow_total(cells, layout), "counter",
+                    "envoy_listener_downstream_global_cx_overflow", lt))
     ht = (("envoy_http_conn_manager_prefix", prefix),)
     out.append(Stat(f"http.{prefix}.downstream_cx_total", cx_total, "counter",
                     "envoy_http_downstream_cx_total", ht))

@@ -44,6 +44,7 @@ __all__ = [
     "R_KEY", "R_REQUESTS", "R_DURATION", "R_DURATION_SUM", "R_REQUEST_BYTES",
     "R_REQUEST_BYTES_SUM", "R_RESPONSE_BYTES", "R_RESPONSE_BYTES_SUM",
     "B_ROWS_USED", "B_OVERFLOW", "B_DOWNSTREAM_CX_TOTAL", "B_DOWNSTREAM_CX_ACTIVE",
+    "B_DOWNSTREAM_CX_OVERFLOW", "AcceptOverflow", "forget_connections", "accept_overflow_total",
 ]
 
 # Envoy's default histogram bounds (semantics.md §11.3), for ms and bytes alike.
@@ -68,6 +69,7 @@ B_ROWS_USED = 0
 B_OVERFLOW = 1
 B_DOWNSTREAM_CX_TOTAL = 2
 B_DOWNSTREAM_CX_ACTIVE = 3
+B_DOWNSTREAM_CX_OVERFLOW = 4  # connections closed at accept (--max-connections, no descriptors)
 
 # Envoy's response flags (short names). Rendering order: the retry flags first, as Envoy 1.40
 # prints its observed combinations ("URX,UF", "URX,UT", "UO,UC"), then Envoy's enum order.
@@ -211,6 +213,36 @@ class IstioWriter:
         off = self.block + 8 * B_DOWNSTREAM_CX_ACTIVE
         if self.cells.load64(off):
             self.cells.store64(off, self.cells.load64(off) - 1)
+
+
+class AcceptOverflow:
+    """Publishes a worker's count of connections closed at accept (the event loop keeps it in
+    process memory) into its block; a restarted worker goes on from its predecessor's count, so
+    the counter never goes back."""
+
+    __slots__ = ("cells", "off", "base")
+
+    def __init__(self, cells, layout, worker: int):
+        self.cells = cells
+        self.off = layout.istio_off(worker) + 8 * B_DOWNSTREAM_CX_OVERFLOW
+        self.base = cells.load64(self.off)
+
+    def publish(self, count: int) -> None:
+        self.cells.store64(self.off, self.base + count)
+
+
+def accept_overflow_total(cells, layout) -> int:
+    return sum(cells.load64(layout.istio_off(w) + 8 * B_DOWNSTREAM_CX_OVERFLOW)
+               for w in range(layout.workers))
+
+
+def forget_connections(cells, layout, worker: int) -> int:
+    """A dead worker's connections are gone: zero its downstream_cx_active (the supervisor, before
+    the restart). Returns how many it had."""
+    off = layout.istio_off(worker) + 8 * B_DOWNSTREAM_CX_ACTIVE
+    n = cells.load64(off)
+    cells.store64(off, 0)
+    return n
 
 
 # ------------------------------------------------------------------------------------------------

@@ -29,6 +29,8 @@ Choices where the brief or the RFC left one open:
 * Host and authorities: reg-name limited to unreserved characters (ALPHA DIGIT ``-._~``), an IPv4
   address, or ``[IPv6]`` (hex digits, ``:`` and ``.``), with an optional ``:port`` of 1-5 digits
   up to 65535; an empty Host value is accepted on 1.1 (RFC 9112 §3.2);
+* a request target containing ``#`` (a fragment, which a client never sends) is 400, as Envoy 1.40
+  answers it (checked before the target's form);
 * CONNECT needs authority-form with a port; ``host`` is then the target and ``path`` is ``b""``;
   a CONNECT with a non-zero Content-Length or chunked body is 400;
 * ``upgrade``: an Upgrade header that Connection nominates (``connection: upgrade``), on HTTP/1.1
@@ -85,6 +87,7 @@ R_CONNECT_TARGET = "CONNECT requires an authority-form target"
 R_ASTERISK = "asterisk-form target requires OPTIONS"
 R_ABS_AUTHORITY = "invalid authority in request target"
 R_TARGET_FORM = "invalid request target form"
+R_FRAGMENT = "fragment in request target"
 R_OBS_FOLD = "line starts with whitespace (obs-fold)"
 R_NO_COLON = "field line without colon"
 R_WS_COLON = "whitespace before colon"
@@ -436,6 +439,8 @@ def _request_line_error(b, p, q):
 
 def _split_target(method, target):
     """Return (path, authority or None) for the request target, or raise 400."""
+    if b"#" in target:  # a fragment is never sent (RFC 9110 section 4.2.4): Envoy answers 400
+        _err(R_FRAGMENT, 400)
     if method == b"CONNECT":
         if not _valid_authority(target, True):
             _err(R_CONNECT_TARGET, 400)

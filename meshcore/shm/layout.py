@@ -9,6 +9,7 @@ Rules of this module:
       [worker host stats: workers x max_hosts x HOST_STATS_ROW_SIZE (64 B)]
       [worker Istio metrics: workers x (64 B block header + istio_rows x ISTIO_ROW_SIZE (512 B))]
       [worker cluster histograms: workers x max_clusters x CLUSTER_HIST_ROW_SIZE (192 B)]
+      [worker breaker holdings: workers x max_clusters x HOLDINGS_ROW_SIZE (64 B)]
 
   Every region and every row starts on a 64-byte boundary (one cache line), so no two rows share a
   line: a host row, a cluster row and each worker's stats row never false-share.
@@ -37,6 +38,13 @@ Rules of this module:
 * Worker cluster histogram rows (one per worker per cluster, single writer): Envoy's
   `upstream_rq_time` histogram (meshcore.metrics.istio's bucket bounds and cell order: bucket
   counts, sum, count).
+* Worker breaker holdings rows (one per worker per cluster, written by that worker only while it
+  runs): how many units of each cluster-row breaker gauge (cx_active, rq_pending, rq_active,
+  rq_retry_active, at the same byte offsets as in the cluster row) this worker holds. A worker
+  counts a unit here before it takes it from the cluster row and after it gives it back, so a
+  row never shows less than the worker holds. When a worker dies, the supervisor subtracts its
+  row from the cluster gauges and zeroes it (meshcore.upstream.breaker.return_holdings), so the
+  limits stay exact after any crash.
 * `H_DEST_ID` / `C_DEST_ID` (the same byte offset 60 in host and cluster rows): the Istio
   destination label-set id of the host (or of the cluster, for requests that never reached a
   host), written by the supervisor when it publishes a config (meshcore.metrics.labels).
@@ -57,12 +65,12 @@ __all__ = [
     "OUTLIER_STATS", "WORKER_CLUSTER_COUNTERS", "W_INDEX", "ACTIVE", "EJECTED",
     "Layout", "LayoutError", "Cell", "HostRow", "ClusterRow", "WorkerStatsRow",
     "HOST_STATS", "HOST_STATS_ROW_SIZE", "ISTIO_ROWS", "ISTIO_ROW_SIZE", "ISTIO_BLOCK_HEADER",
-    "H_DEST_ID", "C_DEST_ID", "CLUSTER_HIST_ROW_SIZE",
+    "H_DEST_ID", "C_DEST_ID", "CLUSTER_HIST_ROW_SIZE", "HOLDINGS_ROW_SIZE",
 ]
 
 CACHE_LINE = 64
 MAGIC = int.from_bytes(b"meshcore", "little")
-VERSION = 2  # 2: host stats and Istio metrics regions, istio_rows in the header
+VERSION = 3  # 2: host stats and Istio metrics regions, istio_rows in the header; 3: holdings
 
 # ------------------------------------------------------------------------------------------------
 # Header (64 bytes): (name, byte offset, struct format)
@@ -261,6 +269,7 @@ ISTIO_BLOCK_HEADER = 64
 ISTIO_ROW_SIZE = 512            # 64 uint64 cells
 ISTIO_ROWS = 512                # default rows per worker (the last one is the overflow row)
 CLUSTER_HIST_ROW_SIZE = 192     # 24 uint64 cells: 19 buckets, sum, count, 3 reserved
+HOLDINGS_ROW_SIZE = 64          # uint32 cells at the cluster row's C_CX_ACTIVE..C_RQ_RETRY_ACTIVE
 
 
 class LayoutError(ValueError):
@@ -290,6 +299,8 @@ class Layout:
     istio_block: int = field(init=False)    # bytes of one worker's Istio metrics block
     cluster_hist_base: int = field(init=False)
     cluster_hist_block: int = field(init=False)
+    holdings_base: int = field(init=False)
+    holdings_block: int = field(init=False)  # bytes of one worker's holdings (all its clusters)
     size: int = field(init=False)
 
     def __post_init__(self):
@@ -313,7 +324,9 @@ class Layout:
         istio_block = ISTIO_BLOCK_HEADER + self.istio_rows * ISTIO_ROW_SIZE
         cluster_hist_base = istio_base + self.workers * istio_block
         cluster_hist_block = self.max_clusters * CLUSTER_HIST_ROW_SIZE
-        size = cluster_hist_base + self.workers * cluster_hist_block
+        holdings_base = cluster_hist_base + self.workers * cluster_hist_block
+        holdings_block = self.max_clusters * HOLDINGS_ROW_SIZE
+        size = holdings_base + self.workers * holdings_block
         object.__setattr__(self, "host_base", host_base)
         object.__setattr__(self, "cluster_base", cluster_base)
         object.__setattr__(self, "worker_base", worker_base)
@@ -324,6 +337,8 @@ class Layout:
         object.__setattr__(self, "istio_block", istio_block)
         object.__setattr__(self, "cluster_hist_base", cluster_hist_base)
         object.__setattr__(self, "cluster_hist_block", cluster_hist_block)
+        object.__setattr__(self, "holdings_base", holdings_base)
+        object.__setattr__(self, "holdings_block", holdings_block)
         object.__setattr__(self, "size", size)
 
     # --- offsets (IndexError outside the geometry) ----------------------------------------------
@@ -376,6 +391,16 @@ class Layout:
         return self.cluster_hist_base + worker * self.cluster_hist_block \
             + cluster_slot * CLUSTER_HIST_ROW_SIZE
 
+    def holdings_off(self, worker: int, cluster_slot: int) -> int:
+        """Byte offset of `worker`'s breaker holdings row for `cluster_slot`."""
+        if not 0 <= worker < self.workers:
+            raise IndexError(f"worker {worker} out of range (workers={self.workers})")
+        if not 0 <= cluster_slot < self.max_clusters:
+            raise IndexError(f"cluster slot {cluster_slot} out of range "
+                             f"(max_clusters={self.max_clusters})")
+        return self.holdings_base + worker * self.holdings_block \
+            + cluster_slot * HOLDINGS_ROW_SIZE
+
     # --- header ---------------------------------------------------------------------------------
     def pack_header(self, generation: int = 0) -> bytes:
         head = _HDR.pack(MAGIC, VERSION, HEADER_SIZE, generation, self.max_hosts,
@@ -418,7 +443,8 @@ class Layout:
             ("workers", self.worker_base, self.host_stats_base),
             ("host_stats", self.host_stats_base, self.istio_base),
             ("istio", self.istio_base, self.cluster_hist_base),
-            ("cluster_hist", self.cluster_hist_base, self.size),
+            ("cluster_hist", self.cluster_hist_base, self.holdings_base),
+            ("holdings", self.holdings_base, self.size),
         ]
 
 

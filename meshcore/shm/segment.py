@@ -155,3 +155,7 @@ class Segment:
 
     def worker_stats(self, worker: int, cluster_slot: int) -> WorkerStatsRow:
         return WorkerStatsRow(self.cells, self.layout.worker_row_off(worker, cluster_slot))
+
+    def holdings(self, worker: int, cluster_slot: int) -> ClusterRow:
+        """`worker`'s breaker holdings for a cluster: its gauges at the cluster row's offsets."""
+        return ClusterRow(self.cells, self.layout.holdings_off(worker, cluster_slot), cluster_slot)

@@ -6,10 +6,11 @@ Rules of this module:
   of endpoints. It is built once per cluster per worker (`make_balancer`) and rebuilt when the
   endpoint list changes; all randomness comes from the `random.Random` passed in, so a seeded rng
   gives a reproducible sequence.
-* `pick(book, exclude=None)`: `book` is anything with `rq_active(i) -> int` (a PoolBook); only
-  LEAST_REQUEST reads it. `exclude` is the set of indexes already tried by this request (Envoy's
-  `previous_hosts` retry predicate): a pick that lands in it is redone up to
-  `host_selection_retry_max_attempts` (Istio: 5) more times, each redo advancing the balancer as a
+* `pick(book, exclude=None, attempts=-1)`: `book` is anything with `rq_active(i) -> int` (a
+  PoolBook); only LEAST_REQUEST reads it. `exclude` is the set of indexes already tried by this
+  request (Envoy's `previous_hosts` retry predicate): a pick that lands in it is redone up to
+  `attempts` more times (the route's `host_selection_retry_max_attempts`; -1: the balancer's
+  default, Istio's 5), each redo advancing the balancer as a
   normal pick would; if every redo lands in `exclude` the last pick is returned anyway (Envoy's
   `ZoneAwareLoadBalancerBase::chooseHost` loop).
 * The common path (`exclude` empty) allocates no containers; only int arithmetic.
@@ -92,17 +93,17 @@ class Balancer:
         self.retry_max_attempts = retry_max_attempts
 
     def pick(self, book: Optional[ActiveRequests] = None,
-             exclude: Optional[AbstractSet[int]] = None) -> int:
+             exclude: Optional[AbstractSet[int]] = None, attempts: int = -1) -> int:
         i = self._once(book)
         if exclude and i in exclude:
-            return self._repick(book, exclude, i)
+            return self._repick(book, exclude, i, attempts)
         return i
 
     def _once(self, book) -> int:  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def _repick(self, book, exclude, i: int) -> int:
-        for _ in range(self.retry_max_attempts):
+    def _repick(self, book, exclude, i: int, attempts: int = -1) -> int:
+        for _ in range(self.retry_max_attempts if attempts < 0 else attempts):
             i = self._once(book)
             if i not in exclude:
                 return i
@@ -115,7 +116,7 @@ class Balancer:
 class _Empty(Balancer):
     __slots__ = ("kind",)
 
-    def pick(self, book=None, exclude=None) -> int:
+    def pick(self, book=None, exclude=None, attempts=-1) -> int:
         raise NoHealthyUpstream(f"{self.kind} balancer has no endpoints to pick from")
 
     _once = pick
@@ -132,11 +133,11 @@ class _RoundRobin(Balancer):
         self._next = rng.randrange(self.n)
         self._succ = tuple(range(1, self.n)) + (0,)  # i -> (i + 1) % n without arithmetic
 
-    def pick(self, book=None, exclude=None) -> int:
+    def pick(self, book=None, exclude=None, attempts=-1) -> int:
         i = self._next
         self._next = self._succ[i]
         if exclude and i in exclude:
-            return self._repick(book, exclude, i)
+            return self._repick(book, exclude, i, attempts)
         return i
 
     def _once(self, book) -> int:
@@ -178,12 +179,12 @@ class _WeightedRoundRobin(Balancer):
         self._succ = tuple(range(1, period)) + (0,)
         self._pos = rng.randrange(period)
 
-    def pick(self, book=None, exclude=None) -> int:
+    def pick(self, book=None, exclude=None, attempts=-1) -> int:
         pos = self._pos
         self._pos = self._succ[pos]
         i = self._table[pos]
         if exclude and i in exclude:
-            return self._repick(book, exclude, i)
+            return self._repick(book, exclude, i, attempts)
         return i
 
     def _once(self, book) -> int:
@@ -224,7 +225,7 @@ class _EdfRoundRobin(_EdfBase):
     __slots__ = ()
     kind = "ROUND_ROBIN"
 
-    def pick(self, book=None, exclude=None) -> int:
+    def pick(self, book=None, exclude=None, attempts=-1) -> int:
         heap = self._heap
         top = heap[0]
         i = top[2]
@@ -233,7 +234,7 @@ class _EdfRoundRobin(_EdfBase):
         self._order += 1
         _heapreplace(heap, top)
         if exclude and i in exclude:
-            return self._repick(book, exclude, i)
+            return self._repick(book, exclude, i, attempts)
         return i
 
     def _once(self, book) -> int:
@@ -251,10 +252,10 @@ class _Random(Balancer):
         super().__init__(weights, retry_max_attempts)
         self._bits = rng.getrandbits
 
-    def pick(self, book=None, exclude=None) -> int:
+    def pick(self, book=None, exclude=None, attempts=-1) -> int:
         i = self._bits(32) % self.n
         if exclude and i in exclude:
-            return self._repick(book, exclude, i)
+            return self._repick(book, exclude, i, attempts)
         return i
 
     def _once(self, book) -> int:
@@ -271,7 +272,7 @@ class _LeastRequest(Balancer):
         super().__init__(weights, retry_max_attempts)
         self._bits = rng.getrandbits
 
-    def pick(self, book, exclude=None) -> int:
+    def pick(self, book, exclude=None, attempts=-1) -> int:
         n = self.n
         bits = self._bits
         i = bits(32) % n
@@ -279,7 +280,7 @@ class _LeastRequest(Balancer):
         if j != i and book.rq_active(j) < book.rq_active(i):
             i = j
         if exclude and i in exclude:
-            return self._repick(book, exclude, i)
+            return self._repick(book, exclude, i, attempts)
         return i
 
     def _once(self, book) -> int:
@@ -301,10 +302,10 @@ class _LeastRequestN(_LeastRequest):
         super().__init__(weights, retry_max_attempts, rng)
         self._choices = choice_count
 
-    def pick(self, book, exclude=None) -> int:
+    def pick(self, book, exclude=None, attempts=-1) -> int:
         i = self._once(book)
         if exclude and i in exclude:
-            return self._repick(book, exclude, i)
+            return self._repick(book, exclude, i, attempts)
         return i
 
     def _once(self, book) -> int:
@@ -334,7 +335,7 @@ class _WeightedLeastRequest(_EdfBase):
         super().__init__(weights, retry_max_attempts, rng)
         self._bias = bias
 
-    def pick(self, book, exclude=None) -> int:
+    def pick(self, book, exclude=None, attempts=-1) -> int:
         heap = self._heap
         top = heap[0]
         i = top[2]
@@ -349,7 +350,7 @@ class _WeightedLeastRequest(_EdfBase):
         self._order += 1
         _heapreplace(heap, top)
         if exclude and i in exclude:
-            return self._repick(book, exclude, i)
+            return self._repick(book, exclude, i, attempts)
         return i
 
     def _once(self, book) -> int:
@@ -553,13 +554,13 @@ class _SlowStartBalancer(Balancer):
         self._next = now + SLOW_START_REFRESH_MS
         return self._inner
 
-    def pick(self, book=None, exclude=None) -> int:
+    def pick(self, book=None, exclude=None, attempts=-1) -> int:
         inner = self._inner
         if inner is None or self._next != _math.inf:
             now = self._clock()
             if inner is None or now >= self._next:
                 inner = self._refresh(now)
-        return inner.pick(book, exclude)
+        return inner.pick(book, exclude, attempts)
 
     def _once(self, book) -> int:
         return self.pick(book)
@@ -724,13 +725,13 @@ class _LocalityBalancer(Balancer):
         view.book = book
         return idx[b.pick(view)]
 
-    def pick(self, book=None, exclude=None) -> int:
+    def pick(self, book=None, exclude=None, attempts=-1) -> int:
         if not self._levels:
             raise NoHealthyUpstream("no endpoint in a selected locality")
         weights = [e[0] for e in self._levels[0]]
         i = self._pick_in(0, book, weights)
         if exclude and i in exclude:
-            for _ in range(self.retry_max_attempts):
+            for _ in range(self.retry_max_attempts if attempts < 0 else attempts):
                 i = self._pick_in(0, book, weights)
                 if i not in exclude:
                     break

@@ -19,15 +19,24 @@ Rules of this module (semantics.md §2b, §5):
   max_connections + hosts x pools). The caller decides when that applies.
 * Overflow handling (503 UO, `x-envoy-overloaded`, the `upstream_*_overflow` counters) belongs to
   the caller; `is_open` gives the `circuit_breakers.default.*_open` gauges.
-* A worker that dies while holding resources leaks them until the supervisor clears the row; no
-  lock is ever held, so nothing can deadlock.
+* Holdings: each worker also counts the units it holds in its own holdings row (`held`, a
+  `Cell` of meshcore.shm.layout's holdings region; single writer). A unit is counted there before
+  it is taken from the shared gauge and uncounted after it is given back, so a worker killed at
+  any instruction never holds more than its row says. When a worker dies the supervisor calls
+  `return_holdings`, which subtracts the row from the shared gauges (clamped at zero) and zeroes
+  it: the limits are exact again after any crash. (A kill between the two steps returns one unit
+  too many; the zero clamp absorbs it when the real holders give theirs back, whereas the other
+  order would leak a unit for good.) No lock is ever held, so nothing can deadlock.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+from meshcore.shm.layout import C_CX_ACTIVE, C_RQ_ACTIVE, C_RQ_PENDING, C_RQ_RETRY_ACTIVE
+
 __all__ = ["UNLIMITED", "BreakerLimits", "DEFAULT_LIMITS", "try_acquire", "release",
-           "force_acquire", "is_open", "breaker_limits_from_istio"]
+           "force_acquire", "is_open", "breaker_limits_from_istio", "return_holdings",
+           "GAUGE_OFFSETS", "return_worker_holdings"]
 
 UNLIMITED = 4294967295  # Istio writes 2^32-1 for every threshold it does not set
 
@@ -43,8 +52,11 @@ class BreakerLimits:
 DEFAULT_LIMITS = BreakerLimits()
 
 
-def try_acquire(counter, limit: int) -> bool:
-    """Take one unit of `counter` (a layout.Cell) if fewer than `limit` are held."""
+def try_acquire(counter, limit: int, held=None) -> bool:
+    """Take one unit of `counter` (a layout.Cell) if fewer than `limit` are held; `held` is this
+    worker's holdings cell for the same gauge (None: not tracked)."""
+    if held is not None:
+        held.cells.fetch_add32(held.off, 1)
     c = counter.cells
     off = counter.off
     if limit >= UNLIMITED:
@@ -55,22 +67,66 @@ def try_acquire(counter, limit: int) -> bool:
         if c.cas32(off, v, v + 1):
             return True
         v = c.load32(off)
+    if held is not None:
+        _decrement(held.cells, held.off)
     return False
 
 
-def release(counter) -> bool:
+def release(counter, held=None) -> bool:
     """Give one unit back; False (and no change) if the counter was already zero."""
     c = counter.cells
     off = counter.off
-    if c.fetch_add32(off, -1) == 0:
-        c.fetch_add32(off, 1)
+    returned = _decrement(c, off)
+    if held is not None:
+        _decrement(held.cells, held.off)
+    return returned
+
+
+def force_acquire(counter, held=None) -> None:
+    """Take one unit regardless of the limit (see the module rules)."""
+    if held is not None:
+        held.cells.fetch_add32(held.off, 1)
+    counter.cells.fetch_add32(counter.off, 1)
+
+
+def _decrement(cells, off: int) -> bool:
+    if cells.fetch_add32(off, -1) == 0:  # unmatched: undo the wrap
+        cells.fetch_add32(off, 1)
         return False
     return True
 
 
-def force_acquire(counter) -> None:
-    """Take one unit regardless of the limit (see the module rules)."""
-    counter.cells.fetch_add32(counter.off, 1)
+# The four breaker gauges, as byte offsets shared by a cluster row and a holdings row.
+GAUGE_OFFSETS = (C_CX_ACTIVE, C_RQ_PENDING, C_RQ_ACTIVE, C_RQ_RETRY_ACTIVE)
+
+
+def return_holdings(cells, cluster_off: int, holdings_off: int) -> tuple[int, int, int, int]:
+    """A dead worker's units go back: subtract its holdings row from the cluster row's gauges
+    (never below zero) and zero the row. Returns what it held, in GAUGE_OFFSETS order
+    (cx_active, rq_pending, rq_active, rq_retry_active). Only for a worker that is not running."""
+    held = []
+    for g in GAUGE_OFFSETS:
+        n = cells.load32(holdings_off + g)
+        if n:
+            gauge = cluster_off + g
+            v = cells.load32(gauge)
+            while not cells.cas32(gauge, v, v - n if v > n else 0):
+                v = cells.load32(gauge)
+            cells.store32(holdings_off + g, 0)
+        held.append(n)
+    return tuple(held)
+
+
+def return_worker_holdings(cells, layout, worker: int) -> dict[int, tuple[int, int, int, int]]:
+    """`return_holdings` for every cluster slot of a dead `worker` (a slot's cluster may have
+    left the config while the worker still held units of it). Returns {slot: held} for the
+    slots where it held anything."""
+    out = {}
+    for slot in range(layout.max_clusters):
+        held = return_holdings(cells, layout.cluster_off(slot), layout.holdings_off(worker, slot))
+        if any(held):
+            out[slot] = held
+    return out
 
 
 def is_open(counter, limit: int) -> bool:

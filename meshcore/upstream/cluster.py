@@ -16,7 +16,7 @@ import time
 from meshcore.config.policy import ClusterPolicy
 from meshcore.shm import layout as L
 from meshcore.upstream import breaker, outlier
-from meshcore.upstream.balancer import make_cluster_balancer
+from meshcore.upstream.balancer import HOST_SELECTION_RETRY_MAX_ATTEMPTS, make_cluster_balancer
 from meshcore.upstream.pool import PoolBook
 
 MAX_IDLE_PER_ENDPOINT = 64
@@ -30,7 +30,7 @@ def now_ms() -> int:
 
 class ClusterState:
     __slots__ = ("policy", "slots", "endpoints", "book", "balancer", "idle_timeout", "row",
-                 "hosts", "stats", "outlier", "limits", "n", "table", "handle", "_tables")
+                 "held", "hosts", "stats", "outlier", "limits", "n", "table", "handle", "_tables")
 
     def __init__(self, policy: ClusterPolicy, rng: random.Random, segment, worker: int, slots,
                  book=None):
@@ -56,29 +56,32 @@ class ClusterState:
         self.limits = policy.limits if policy.limits is not None else breaker.DEFAULT_LIMITS
         cslot, hslots = slots
         self.row = segment.cluster(cslot)
+        self.held = segment.holdings(worker, cslot)  # this worker's units of the row's gauges
         self.hosts = [segment.host(s) for s in hslots]
         self.stats = segment.worker_stats(worker, cslot)
 
     # === host choice ===
 
-    def pick(self, exclude, h=None) -> int:
+    def pick(self, exclude, h=None, attempts: int = -1) -> int:
         """An endpoint index for the next attempt, or -1 when no host may be picked (UH).
 
         Ejected hosts are skipped unless the cluster is in panic; `exclude` (hosts already
-        tried) is a preference, as Envoy's previous_hosts predicate is. `h` is the request's
-        consistent-hash value (None: no key, a random one), used by ring/Maglev clusters.
+        tried) is a preference, as Envoy's previous_hosts predicate is, re-picked away from up to
+        `attempts` more times (the route's host_selection_retry_max_attempts; -1: Istio's 5).
+        `h` is the request's consistent-hash value (None: no key, a random one), used by
+        ring/Maglev clusters.
         """
         if self.row.ejections_active.load() == 0:  # the common case: nobody ejected
             if self.table is not None:
-                return self._pick_hashed(self.table, None, h, exclude)
-            return self.balancer.pick(self.book, exclude)
+                return self._pick_hashed(self.table, None, h, exclude, attempts)
+            return self.balancer.pick(self.book, exclude, attempts)
         healthy, panic = outlier.healthy_set_or_panic(
             outlier.availability(self.hosts, now_ms()), self.outlier.healthy_panic_threshold)
         if panic:
             self.stats.inc(L.W_LB_HEALTHY_PANIC)
             if self.table is not None:
-                return self._pick_hashed(self.table, None, h, exclude)
-            return self.balancer.pick(self.book, exclude)
+                return self._pick_hashed(self.table, None, h, exclude, attempts)
+            return self.balancer.pick(self.book, exclude, attempts)
         if not healthy:
             self.stats.inc(L.W_UPSTREAM_CX_NONE_HEALTHY)
             return -1
@@ -86,18 +89,18 @@ class ClusterState:
             # Envoy builds the table over the healthy hosts: a key moves only while its host is
             # out, and comes back after.
             if len(healthy) == self.n:
-                return self._pick_hashed(self.table, None, h, exclude)
+                return self._pick_hashed(self.table, None, h, exclude, attempts)
             table, index = self._healthy_table(healthy)
-            return self._pick_hashed(table, index, h, exclude)
+            return self._pick_hashed(table, index, h, exclude, attempts)
         if len(healthy) == self.n:
-            return self.balancer.pick(self.book, exclude)
+            return self.balancer.pick(self.book, exclude, attempts)
         pick_healthy = getattr(self.balancer, "pick_healthy", None)
         if pick_healthy is not None:  # locality priorities: Envoy's spill-over to lower priorities
             return pick_healthy(self.book, exclude, healthy)
         ok = set(healthy)
         avoid = ok.difference(exclude) if exclude else ok
         for _ in range(2 * self.n):  # the balancer's own order, restricted to healthy hosts
-            ep = self.balancer.pick(self.book, exclude)
+            ep = self.balancer.pick(self.book, exclude, attempts)
             if ep in avoid or (ep in ok and not avoid):
                 return ep
         pool = sorted(avoid or ok)
@@ -115,7 +118,7 @@ class ClusterState:
         return entry
 
     @staticmethod
-    def _pick_hashed(table, index, h, exclude) -> int:
+    def _pick_hashed(table, index, h, exclude, attempts=-1) -> int:
         if h is None:
             h = random.getrandbits(64)
         if exclude:
@@ -123,7 +126,8 @@ class ClusterState:
                 exclude = {index.index(e) for e in exclude if e in index}
             # imported here: workers without consistent hashing never load the ring (1 MB RSS)
             from meshcore.upstream.ring import pick_excluding
-            i = pick_excluding(table, h, exclude)
+            i = pick_excluding(table, h, exclude,
+                               HOST_SELECTION_RETRY_MAX_ATTEMPTS if attempts < 0 else attempts)
         else:
             i = table.pick(h, 0)
         return i if index is None else index[i]
@@ -134,10 +138,11 @@ class ClusterState:
     # the retry budget is taken here, by the retry policy on the failure path.
 
     def try_retry(self) -> bool:
-        return breaker.try_acquire(self.row.rq_retry_active, self.limits.max_retries)
+        return breaker.try_acquire(self.row.rq_retry_active, self.limits.max_retries,
+                                   self.held.rq_retry_active)
 
     def end_retry(self) -> None:
-        breaker.release(self.row.rq_retry_active)
+        breaker.release(self.row.rq_retry_active, self.held.rq_retry_active)
 
     def on_result(self, ep: int, outcome) -> None:
         """One attempt on endpoint `ep` ended with `outcome` (meshcore.policy.classify): its

@@ -433,6 +433,15 @@ def test_rules(h1, head, status):
     check_prefixes(h1.parse_request, data)
 
 
+@pytest.mark.parametrize("target", [b"/a#f", b"/#", b"/a?b#c", b"http://a/#", b"http://a#x",
+                                    b"*#", b"a:1#"])
+def test_fragment_is_400_with_its_own_reason_before_any_other_target_check(h1, target):
+    method = b"OPTIONS" if target.startswith(b"*") else b"CONNECT" if target == b"a:1#" else b"GET"
+    with pytest.raises(ProtocolError) as e:
+        h1.parse_request(method + b" " + target + b" HTTP/1.1\r\nHost: a\r\n\r\n")
+    assert (e.value.status, e.value.reason) == (400, "fragment in request target")
+
+
 def test_limits_raise_while_incomplete(h1):
     # request line over 8192 bytes with no CRLF yet: 414 at once
     with pytest.raises(ProtocolError) as e:

@@ -35,6 +35,14 @@ def test_reset_bodies_and_flags():
     assert lr.downstream_protocol_error(431).body == b"Request Header Fields Too Large"
 
 
+def test_a_fragment_gets_envoys_path_normalization_reply():
+    # Envoy 1.40 (its connection manager, not its codec): 400, empty body, no flag
+    assert lr.downstream_protocol_error(400, "fragment in request target") == (
+        400, b"", "-", "path_normalization_failed")
+    assert lr.downstream_protocol_error(400, "invalid request target") == (
+        400, b"Bad Request", "DPE", "codec_error")
+
+
 def test_start_time_format():
     assert start_time(1795675003.139) == "2026-11-26T06:36:43.139Z"
 

@@ -32,10 +32,10 @@ def test_row_sizes_are_cache_lines():
 def test_size_formula():
     lay = Layout(max_hosts=10, max_clusters=3, workers=4)
     assert lay.size == (64 + 10 * 64 + 3 * 64 + 4 * 3 * WORKER_ROW_SIZE + 4 * 10 * 64
-                        + 4 * (64 + L.ISTIO_ROWS * L.ISTIO_ROW_SIZE) + 4 * 3 * 192)
+                        + 4 * (64 + L.ISTIO_ROWS * L.ISTIO_ROW_SIZE) + 4 * 3 * 192 + 4 * 3 * 64)
     assert Layout(0, 0, 0).size == 64
     assert Layout(1, 1, 1, istio_rows=2).size == (64 + 64 + 64 + WORKER_ROW_SIZE + 64 + 64 + 1024
-                                                  + 192)
+                                                  + 192 + 64)
 
 
 @settings(max_examples=60, deadline=None)
@@ -53,6 +53,8 @@ def test_every_row_aligned_disjoint_and_inside(max_hosts, max_clusters, workers)
     spans += [(lay.istio_off(w), lay.istio_off(w) + lay.istio_block) for w in range(workers)]
     spans += [(lay.cluster_hist_off(w, c), lay.cluster_hist_off(w, c) + L.CLUSTER_HIST_ROW_SIZE)
               for w in range(workers) for c in range(max_clusters)]
+    spans += [(lay.holdings_off(w, c), lay.holdings_off(w, c) + L.HOLDINGS_ROW_SIZE)
+              for w in range(workers) for c in range(max_clusters)]
     spans.sort()
     for (a0, a1), (b0, b1) in zip(spans, spans[1:]):
         assert a1 <= b0, "rows overlap"
@@ -62,7 +64,7 @@ def test_every_row_aligned_disjoint_and_inside(max_hosts, max_clusters, workers)
     assert sum(e - s for s, e in spans) == lay.size  # no gaps either
     regions = lay.regions()
     assert [r[0] for r in regions] == ["header", "hosts", "clusters", "workers", "host_stats",
-                                       "istio", "cluster_hist"]
+                                       "istio", "cluster_hist", "holdings"]
     for (_, _, end), (_, start, _) in zip(regions, regions[1:]):
         assert end == start
 
