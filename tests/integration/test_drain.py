@@ -12,6 +12,7 @@ import signal
 import socket
 import threading
 import time
+from contextlib import closing
 
 import pytest
 
@@ -122,12 +123,11 @@ def test_idle_keep_alive_connection_is_closed_by_the_drain(mesh_path):
     # when the worker finally exits.
     px = Proxy([mesh_path], workers=1, extra=["--no-access-log", "--drain-grace", "20"])
     try:
-        c = Client(px.port)
-        r = c.request("GET", "/", host="up")
-        assert r.status == 200 and r.header("connection") is None
-        px.signal(signal.SIGTERM)
-        assert c.is_closed(wait=8.0)
-        c.close()
+        with closing(Client(px.port)) as c:
+            r = c.request("GET", "/", host="up")
+            assert r.status == 200 and r.header("connection") is None
+            px.signal(signal.SIGTERM)
+            assert c.is_closed(wait=8.0)
         assert px.proc.wait(15) == 0
     finally:
         px.stop()
@@ -136,13 +136,12 @@ def test_idle_keep_alive_connection_is_closed_by_the_drain(mesh_path):
 def test_request_in_flight_when_the_drain_starts_is_answered_with_close(mesh_path, upstream):
     px = Proxy([mesh_path], workers=1, extra=["--no-access-log"])
     try:
-        c = Client(px.port)
-        assert c.request("GET", "/", host="up").status == 200
-        px.signal(signal.SIGTERM)
-        time.sleep(0.3)  # the drain has begun; the connection is idle and not yet quiet
-        r = c.request("GET", "/after-sigterm", host="up")
-        assert (r.status, r.header("connection")) == (200, "close")
-        assert c.is_closed()
-        c.close()
+        with closing(Client(px.port)) as c:
+            assert c.request("GET", "/", host="up").status == 200
+            px.signal(signal.SIGTERM)
+            time.sleep(0.3)  # the drain has begun; the connection is idle and not yet quiet
+            r = c.request("GET", "/after-sigterm", host="up")
+            assert (r.status, r.header("connection")) == (200, "close")
+            assert c.is_closed()
     finally:
         px.stop()

@@ -14,6 +14,7 @@ tests assert what happens, never how long it took.
 import socket
 import threading
 import time
+from contextlib import closing
 
 import pytest
 
@@ -129,70 +130,65 @@ def _log_lines(px, needle, timeout=5.0):
 
 
 def test_hung_upstream_after_a_complete_request_is_a_504_stream_timeout(idle_proxy):
-    c = Client(idle_proxy.port)
-    r = c.request("GET", "/hang", host="up")
-    assert (r.status, r.body) == (504, b"stream timeout")
-    assert r.header("connection") is None  # the request was whole: the connection goes on
-    assert c.request("GET", "/len", host="up").status == 200
-    c.close()
+    with closing(Client(idle_proxy.port)) as c:
+        r = c.request("GET", "/hang", host="up")
+        assert (r.status, r.body) == (504, b"stream timeout")
+        assert r.header("connection") is None  # the request was whole: the connection goes on
+        assert c.request("GET", "/len", host="up").status == 200
     line = _log_lines(idle_proxy, b'"GET /hang ')[0]
     assert b" 504 SI stream_idle_timeout " in line
 
 
 def test_stalled_request_body_is_a_408_stream_timeout(idle_proxy):
-    c = Client(idle_proxy.port)
-    c.send(b"POST /len HTTP/1.1\r\nHost: up\r\nContent-Length: 10\r\n\r\nabc")  # then nothing
-    r = c.read_response()
-    assert (r.status, r.body, r.header("connection")) == (408, b"stream timeout", "close")
-    assert c.is_closed()
-    c.close()
+    with closing(Client(idle_proxy.port)) as c:
+        c.send(b"POST /len HTTP/1.1\r\nHost: up\r\nContent-Length: 10\r\n\r\nabc")  # no more
+        r = c.read_response()
+        assert (r.status, r.body, r.header("connection")) == (408, b"stream timeout", "close")
+        assert c.is_closed()
     assert b" 408 SI stream_idle_timeout " in _log_lines(idle_proxy, b'"POST /len ')[0]
 
 
 def test_stalled_response_is_reset_after_it_started(idle_proxy):
-    c = Client(idle_proxy.port)
-    c.send(b"GET /stall HTTP/1.1\r\nHost: up\r\n\r\n")
-    with pytest.raises(EOFError):  # the head and 5 bytes came, then the connection ended
-        c.read_response()
-    c.close()
+    with closing(Client(idle_proxy.port)) as c:
+        c.send(b"GET /stall HTTP/1.1\r\nHost: up\r\n\r\n")
+        with pytest.raises(EOFError):  # the head and 5 bytes came, then the connection ended
+            c.read_response()
     assert b" 200 SI " in _log_lines(idle_proxy, b'"GET /stall ')[0]
 
 
 def test_trickled_body_keeps_the_stream_alive_as_in_envoy(idle_proxy):
     # one byte every 0.1 s for 3 s, with a 0.5 s idle timeout and the request timeout off
-    c = Client(idle_proxy.port)
-    c.send(b"POST /len HTTP/1.1\r\nHost: up\r\nContent-Length: 30\r\n\r\n")
-    for _ in range(30):
-        time.sleep(0.1)
-        c.send(b"x")
-    r = c.read_response()
-    assert (r.status, r.body) == (200, b"30")
-    c.close()
+    with closing(Client(idle_proxy.port)) as c:
+        c.send(b"POST /len HTTP/1.1\r\nHost: up\r\nContent-Length: 30\r\n\r\n")
+        for _ in range(30):
+            time.sleep(0.1)
+            c.send(b"x")
+        r = c.read_response()
+        assert (r.status, r.body) == (200, b"30")
 
 
 def test_request_timeout_ends_a_trickled_upload(mesh_path):
     px = Proxy([mesh_path], workers=1,
                extra=["--no-access-log", "--stream-idle-timeout", "1", "--request-timeout", "1"])
     try:
-        c = Client(px.port)
-        c.send(b"POST /len HTTP/1.1\r\nHost: up\r\nContent-Length: 60\r\n\r\n")
-        status = None
-        for _ in range(60):  # one byte every 0.1 s: 6 s in all, unless answered first
-            time.sleep(0.1)
-            try:
-                c.send(b"x")
-            except OSError:
-                break
-            c.sock.settimeout(0.001)
-            try:
-                if c.sock.recv(1, socket.MSG_PEEK):
+        with closing(Client(px.port)) as c:
+            c.send(b"POST /len HTTP/1.1\r\nHost: up\r\nContent-Length: 60\r\n\r\n")
+            for _ in range(60):  # one byte every 0.1 s: 6 s in all, unless answered first
+                time.sleep(0.1)
+                try:
+                    c.send(b"x")
+                except OSError:
                     break
-            except (BlockingIOError, TimeoutError):
-                pass
-        c.sock.settimeout(5)
-        r = c.read_response()
-        assert (r.status, r.body, r.header("connection")) == (408, b"request timeout", "close")
-        c.close()
+                c.sock.settimeout(0.001)
+                try:
+                    if c.sock.recv(1, socket.MSG_PEEK):
+                        break
+                except (BlockingIOError, TimeoutError):
+                    pass
+            c.sock.settimeout(5)
+            r = c.read_response()
+            assert (r.status, r.body, r.header("connection")) == (408, b"request timeout",
+                                                                  "close")
     finally:
         px.stop()
 
@@ -201,11 +197,10 @@ def test_zero_turns_the_stream_idle_timeout_off(mesh_path, upstream):
     px = Proxy([mesh_path], workers=1,
                extra=["--no-access-log", "--stream-idle-timeout", "0", "--request-timeout", "0"])
     try:
-        c = Client(px.port, timeout=1.5)
-        c.send(b"GET /hang HTTP/1.1\r\nHost: up\r\n\r\n")
-        with pytest.raises(TimeoutError):  # nothing ends it (no route timeout either)
-            c.read_response()
-        c.close()
+        with closing(Client(px.port, timeout=1.5)) as c:
+            c.send(b"GET /hang HTTP/1.1\r\nHost: up\r\n\r\n")
+            with pytest.raises(TimeoutError):  # nothing ends it (no route timeout either)
+                c.read_response()
     finally:
         px.stop()
 

@@ -20,6 +20,7 @@ import shutil
 import subprocess
 import sys
 import time
+from contextlib import closing
 
 import orjson
 import pytest
@@ -130,10 +131,8 @@ def _settled(upstream, before, wait=0.3):
 
 def _warm(port: int, upstream):
     """A valid request on a keep-alive connection: the proxy now pools an upstream connection."""
-    c = Client(port)
-    r = c.request("GET", "/warm", host="up")
-    assert r.status == 200
-    c.close()
+    with closing(Client(port)) as c:
+        assert c.request("GET", "/warm", host="up").status == 200
     assert upstream.connections >= 1
 
 
@@ -167,10 +166,9 @@ def test_envoy_refuses_the_same_cases_but_its_leniencies(envoy):
     lenient = set()
     for name, body in BODY_CASES:
         raw = b"POST /p HTTP/1.1\r\nHost: up\r\nTransfer-Encoding: chunked\r\n\r\n" + body
-        c = Client(envoy)
-        c.send(raw)
-        r = c.read_response()
-        c.close()
+        with closing(Client(envoy)) as c:
+            c.send(raw)
+            r = c.read_response()
         if r.status == 400:
             assert r.header("connection") == "close", name
         else:
@@ -194,9 +192,8 @@ def test_malformed_response_body_buffered_with_its_head_is_a_502(meshcore_proxy,
                                                                   name, body):
     upstream.raw_response = b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n" + body
     try:
-        c = Client(meshcore_proxy.port)
-        r = c.request("GET", "/r", host="up")
-        c.close()
+        with closing(Client(meshcore_proxy.port)) as c:
+            r = c.request("GET", "/r", host="up")
     finally:
         upstream.raw_response = None
     assert r.status == 502
