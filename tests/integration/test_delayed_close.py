@@ -10,25 +10,12 @@ import socket
 
 import pytest
 
-from harness import Proxy, write_config
+from harness import Proxy, envoy_on, one_service_mesh, write_config
 from recording_upstream import Upstream
 
 TRIES = 20
 BIG = 1 << 20  # 1 MiB
 
-
-def _mesh(port: int) -> str:
-    return f"""
-apiVersion: networking.istio.io/v1beta1
-kind: ServiceEntry
-metadata: {{name: up}}
-spec:
-  hosts: [up]
-  ports: [{{number: 80, name: http, protocol: HTTP}}]
-  resolution: STATIC
-  endpoints:
-  - {{address: 127.0.0.1, ports: {{http: {port}}}}}
-"""
 
 
 @pytest.fixture(scope="module")
@@ -40,33 +27,36 @@ def upstream():
 
 @pytest.fixture(scope="module")
 def px(tmp_path_factory, upstream):
-    path = write_config(str(tmp_path_factory.mktemp("delayed-close")), _mesh(upstream.port))
+    path = write_config(str(tmp_path_factory.mktemp("delayed-close")),
+                        one_service_mesh(upstream.port))
     proxy = Proxy([path], workers=1, extra=["--no-access-log"])
     yield proxy
     proxy.stop()
 
 
-def _send_all_then_read(port: int, data: bytes, pieces=()) -> bytes:
-    """Send `data` (then each of `pieces`) with blocking sendall, then read to EOF. Any reset
-    (on a send or on the read) raises."""
+def _send_all_then_read(port: int, data: bytes, pieces=(), to_eof=True) -> bytes:
+    """Send `data` (then each of `pieces`) with blocking sendall, then read to EOF (or, with
+    to_eof False, until a whole reply is there). Any reset (on a send or a read) raises."""
     s = socket.create_connection(("127.0.0.1", port), timeout=10)
     try:
         s.sendall(data)
         for piece in pieces:
             s.sendall(piece)
         out = b""
-        while True:
+        while to_eof or not _whole_reply(out, None):
             chunk = s.recv(65536)
             if not chunk:
                 return out
             out += chunk
+        return out
     finally:
         s.close()
 
 
-def _whole_reply(data: bytes, status: int) -> bool:
+def _whole_reply(data: bytes, status) -> bool:
+    """A whole reply with `connection: close` (and this status, unless None)."""
     head, sep, body = data.partition(b"\r\n\r\n")
-    if not sep or not head.startswith(b"HTTP/1.1 %d " % status):
+    if not sep or not head.startswith(b"HTTP/1.1 %d " % status if status else b"HTTP/1.1 "):
         return False
     lines = head.split(b"\r\n")[1:]
     length = next(int(v) for k, _, v in (l.partition(b":") for l in lines)
@@ -106,3 +96,22 @@ def test_keep_alive_connection_answers_then_closes_cleanly_on_connection_close(p
            b"GET /never HTTP/1.1\r\nHost: up\r\n\r\n")
     reply = _send_all_then_read(px.port, raw)
     assert reply.startswith(b"HTTP/1.1 200 ") and reply.count(b"HTTP/1.1") == 1
+
+
+@pytest.fixture(scope="module")
+def envoy(tmp_path_factory, upstream):
+    d = str(tmp_path_factory.mktemp("delayed-close-envoy"))
+    with envoy_on(write_config(d, one_service_mesh(upstream.port)), d) as port:
+        yield port
+
+
+def test_envoy_answers_the_same_431_and_400(envoy, px):
+    """The reference: Envoy's delayed close delivers these whole too, with the same status."""
+    big = b"GET / HTTP/1.1\r\nHost: up\r\nX-Big: " + b"q" * BIG + b"\r\n\r\n"
+    bad = (b"POST / HTTP/1.1\r\nHost: up\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n"
+           + b"x" * BIG)
+    for raw, status in ((big, 431), (bad, 400)):
+        for port in (envoy, px.port):
+            for _ in range(3):
+                reply = _send_all_then_read(port, raw, to_eof=False)
+                assert _whole_reply(reply, status), (port, reply[:200])

@@ -16,24 +16,11 @@ from contextlib import closing
 
 import pytest
 
-from harness import Client, Proxy, write_config
+from harness import Client, Proxy, one_service_mesh, write_config
 from recording_upstream import Upstream
 
 CLIENTS = 16
 
-
-def _mesh(port: int) -> str:
-    return f"""
-apiVersion: networking.istio.io/v1beta1
-kind: ServiceEntry
-metadata: {{name: up}}
-spec:
-  hosts: [up]
-  ports: [{{number: 80, name: http, protocol: HTTP}}]
-  resolution: STATIC
-  endpoints:
-  - {{address: 127.0.0.1, ports: {{http: {port}}}}}
-"""
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +32,7 @@ def upstream():
 
 @pytest.fixture
 def mesh_path(tmp_path, upstream):
-    return write_config(str(tmp_path), _mesh(upstream.port))
+    return write_config(str(tmp_path), one_service_mesh(upstream.port))
 
 
 def _closed_by_server(sock) -> bool:

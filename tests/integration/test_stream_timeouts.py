@@ -9,7 +9,8 @@ there, and here: what bounds a trickled upload is request_timeout, the time to r
 request (408 `request timeout`), off in Envoy and 300 s by default here.
 
 The upstream is a raw loopback server whose path picks its behaviour. Timeouts are short; the
-tests assert what happens, never how long it took.
+tests assert what happens, never how long it took. The last test runs the same four cases through
+Envoy 1.40 with the same two timeouts and compares the answers.
 """
 import socket
 import threading
@@ -18,7 +19,7 @@ from contextlib import closing
 
 import pytest
 
-from harness import Client, Proxy, write_config
+from harness import Client, Proxy, envoy_on, one_service_mesh, write_config
 
 
 class Upstream:
@@ -83,19 +84,6 @@ class Upstream:
         self.sock.close()
 
 
-def _mesh(port: int) -> str:
-    return f"""
-apiVersion: networking.istio.io/v1beta1
-kind: ServiceEntry
-metadata: {{name: up}}
-spec:
-  hosts: [up]
-  ports: [{{number: 80, name: http, protocol: HTTP}}]
-  resolution: STATIC
-  endpoints:
-  - {{address: 127.0.0.1, ports: {{http: {port}}}}}
-"""
-
 
 @pytest.fixture(scope="module")
 def upstream():
@@ -106,7 +94,8 @@ def upstream():
 
 @pytest.fixture(scope="module")
 def mesh_path(tmp_path_factory, upstream):
-    return write_config(str(tmp_path_factory.mktemp("timeouts")), _mesh(upstream.port))
+    return write_config(str(tmp_path_factory.mktemp("timeouts")),
+                        one_service_mesh(upstream.port))
 
 
 @pytest.fixture(scope="module")
@@ -210,3 +199,67 @@ def test_the_flags_are_checked(mesh_path):
     for bad in ("-1", "soon", "inf"):
         with pytest.raises(SystemExit):
             main(["run", "--config", mesh_path, "--stream-idle-timeout", bad])
+
+
+# ---------------------------------------------------------------------------------------------
+# the same four cases through Envoy 1.40 (stream_idle_timeout 0.5s, request_timeout 1s)
+
+CASES = {
+    "hung-upstream": (b"GET /hang HTTP/1.1\r\nHost: up\r\n\r\n", 0),
+    "stalled-body": (b"POST /len HTTP/1.1\r\nHost: up\r\nContent-Length: 10\r\n\r\nabc", 0),
+    "stalled-response": (b"GET /stall HTTP/1.1\r\nHost: up\r\n\r\n", 0),
+    "trickled-body": (b"POST /len HTTP/1.1\r\nHost: up\r\nContent-Length: 60\r\n\r\n", 60),
+}
+
+
+def _outcome(port, data, trickle):
+    """(status, body, connection header), or ("cut", bytes) when the connection ended in the
+    middle of a response."""
+    with closing(Client(port, timeout=10)) as c:
+        c.send(data)
+        for _ in range(trickle):  # one byte every 0.1 s until something is answered
+            time.sleep(0.1)
+            try:
+                c.send(b"x")
+            except OSError:
+                break
+            c.sock.settimeout(0.001)
+            try:
+                if c.sock.recv(1, socket.MSG_PEEK):
+                    break
+            except (BlockingIOError, TimeoutError):
+                pass
+        c.sock.settimeout(10)
+        body = []
+        try:
+            r = c.read_response(sink=body.append)
+        except EOFError:
+            return ("cut", b"".join(body) + c.buf)
+        return (r.status, b"".join(body), r.header("connection"))
+
+
+@pytest.fixture(scope="module")
+def envoy_timeouts(mesh_path, tmp_path_factory):
+    with envoy_on(mesh_path, str(tmp_path_factory.mktemp("envoy-timeouts")),
+                  hcm={"stream_idle_timeout": "0.5s", "request_timeout": "1s"}) as port:
+        yield port
+
+
+@pytest.fixture(scope="module")
+def same_flags_proxy(mesh_path):
+    px = Proxy([mesh_path], workers=1, extra=["--no-access-log", "--stream-idle-timeout", "0.5",
+                                              "--request-timeout", "1"])
+    yield px
+    px.stop()
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_ends_as_envoy_ends_it(envoy_timeouts, same_flags_proxy, case):
+    data, trickle = CASES[case]
+    want = _outcome(envoy_timeouts, data, trickle)
+    got = _outcome(same_flags_proxy.port, data, trickle)
+    assert got == want
+    assert want == {"hung-upstream": (504, b"stream timeout", None),
+                    "stalled-body": (408, b"stream timeout", "close"),
+                    "stalled-response": ("cut", b"hello"),
+                    "trickled-body": (408, b"request timeout", "close")}[case]

