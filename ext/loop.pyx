@@ -1455,6 +1455,7 @@ cdef class DConn(Conn):
     cdef bint lingering         # delayed close: writing shut down, reading and discarding
     cdef long long linger_bytes
     cdef Timer t_close          # T_LINGER (delayed close) or T_DRAIN_IDLE (quiet while draining)
+    cdef Timer t_stream         # T_STREAM: the current stream's idle / request timeout check
     cdef bint deferred
     cdef bint reading_paused    # backpressure: the upstream cannot take more body yet
     cdef Timer t_header
@@ -1467,6 +1468,7 @@ cdef class DConn(Conn):
         self.proto = ServerConn.__new__(ServerConn)
         self.t_header.idx = -1
         self.t_close.idx = -1
+        self.t_stream.idx = -1
 
     # -- Python API (the policy's view of a captured connection) ----------------------------
 
@@ -1797,6 +1799,10 @@ cdef class DConn(Conn):
             self.answered = True
             if self.fd >= 0 and buf_len(&self.out) == 0:
                 self.finish_closing()
+        elif kind == T_STREAM:
+            # the check of whichever stream is current (none: the timer rests until the next)
+            if self.stream is not None and self.stream.state != ST_DONE:
+                self.stream.on_stream_check()
         elif kind == T_LINGER:
             self.close()
         elif kind == T_DRAIN_IDLE:
@@ -1831,6 +1837,8 @@ cdef class DConn(Conn):
             self.loop.disarm(&self.t_header)
         if self.t_close.idx >= 0:
             self.loop.disarm(&self.t_close)
+        if self.t_stream.idx >= 0:
+            self.loop.disarm(&self.t_stream)
         self.loop.unregister(self)
         c_close(self.fd)
         self.fd = -1
@@ -2500,7 +2508,6 @@ cdef class Stream(Handle):
     cdef Timer t_route
     cdef Timer t_try
     cdef Timer t_wait
-    cdef Timer t_stream               # stream idle timeout and request timeout (T_STREAM)
     cdef double progress_at           # when bytes were last seen moving (see on_stream_check)
     cdef long long progress_mark
     cdef double request_deadline      # request timeout: the whole request by then (0: none)
@@ -2509,7 +2516,6 @@ cdef class Stream(Handle):
         self.t_route.idx = -1
         self.t_try.idx = -1
         self.t_wait.idx = -1
-        self.t_stream.idx = -1
         self.ep = -1
         self.next_ep = -1
         self.attempt = 0
@@ -2657,10 +2663,12 @@ cdef class Stream(Handle):
             return self.finish_local(_HTTP10, True, b"", None)
         if h._me - h._ms == 7 and memcmp(raw + h._ms, "CONNECT", 7) == 0:
             return self.finish_local(_NO_ROUTE, True, b"", None)
-        if loop.stream_idle_timeout > 0 or (loop.request_timeout > 0 and not self.body_done):
-            self.progress_at = self.t_start
-            if loop.request_timeout > 0 and not self.body_done:
-                self.request_deadline = self.t_start + loop.request_timeout
+        self.progress_at = self.t_start
+        if loop.request_timeout > 0 and not self.body_done:
+            self.request_deadline = self.t_start + loop.request_timeout
+            if self.ds.t_stream.idx < 0 or self.request_deadline < self.ds.t_stream.when:
+                self.arm_stream_check(self.t_start)
+        elif self.ds.t_stream.idx < 0 and loop.stream_idle_timeout > 0:
             self.arm_stream_check(self.t_start)
         if loop.fast_routes and h._hs >= 0 and self.fast_decide(h, raw):
             return self.proceed()
@@ -3018,8 +3026,6 @@ cdef class Stream(Handle):
             return 0
         if kind == T_ROUTE:
             return self.on_route_timeout()
-        if kind == T_STREAM:
-            return self.on_stream_check()
         if kind == T_TRY:
             if self.state == ST_AWAIT or self.state == ST_CONNECTING:
                 return self.on_attempt_failed(K_PER_TRY_TIMEOUT)
@@ -3047,10 +3053,12 @@ cdef class Stream(Handle):
     # -- stream idle timeout, request timeout ------------------------------------------------
 
     cdef int arm_stream_check(self, double now) except -1:
-        """One timer serves Envoy's stream_idle_timeout and request_timeout. Bytes moving cost
-        nothing per event: the check compares the stream's byte counters with what it saw the
-        last time, every quarter of the idle timeout, so a stream is ended between the idle
-        timeout and a quarter more after its last progress."""
+        """One timer serves Envoy's stream_idle_timeout and request_timeout, and it belongs to
+        the downstream connection (DConn.t_stream): a busy keep-alive connection keeps it armed
+        across its requests, so a request costs a branch, not a timer. Bytes moving cost nothing
+        per event: the check compares the stream's byte counters with what it saw the last
+        time, every quarter of the idle timeout, so a stream is ended between the idle timeout
+        and a quarter more after its last progress."""
         cdef Loop loop = self.loop
         cdef double due = 1e300
         if loop.stream_idle_timeout > 0:
@@ -3061,7 +3069,7 @@ cdef class Stream(Handle):
                 and self.request_deadline < due:
             due = self.request_deadline
         if due < 1e300:
-            loop.arm(&self.t_stream, self, T_STREAM, due)
+            loop.arm(&self.ds.t_stream, self.ds, T_STREAM, due)
         return 0
 
     cdef int on_stream_check(self) except -1:
@@ -3364,8 +3372,6 @@ cdef class Stream(Handle):
     cdef void cancel_timers(self):
         if self.t_route.idx >= 0:
             self.loop.disarm(&self.t_route)
-        if self.t_stream.idx >= 0:
-            self.loop.disarm(&self.t_stream)
         if self.t_try.idx >= 0:
             self.loop.disarm(&self.t_try)
         if self.t_wait.idx >= 0:
