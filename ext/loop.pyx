@@ -1635,6 +1635,8 @@ cdef class DConn(Conn):
         wake the loop forever)."""
         cdef uint32_t want = 0
         cdef Stream s = self.stream
+        if self.lingering:
+            return 0  # delayed close: reading until the client's EOF (finish_closing)
         if not self.closing and not self.proto.eof:
             if s is None:
                 want = EPOLLIN
