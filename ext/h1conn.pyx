@@ -7,7 +7,8 @@ socket or a clock. The event loop (ext/loop.pyx) drives these objects through th
 (declared in ext/meshcore/_ext/h1conn.pxd); tests drive them through the Python methods below,
 which wrap the C ones: event() = next_event(), begin_/finish_response() = start_/end_response(),
 begin_/finish_request() = start_request()/write_end(), can_reuse() = reusable(),
-recycle() = reset(), wants_continue() = want_continue().
+recycle() = reset(), wants_continue() = want_continue(),
+validate_buffered() = check_buffered_body().
 
 Rules (h11's, narrowed to what a proxy hop needs):
 
@@ -24,6 +25,9 @@ Rules (h11's, narrowed to what a proxy hop needs):
 * A client connection is reusable after a response only if the response allowed keep-alive, the
   request was sent whole, and no byte arrived beyond the response.
 * Errors carry the status they imply (400/408/413/414/431/501/505 downstream, 502 upstream).
+* Nothing half-forwarded: when a head arrives with chunked body bytes behind it, the proxy
+  calls `validate_buffered()` before forwarding the head; a fault in those bytes is the
+  next event, so neither the head nor any of the body goes on.
 * `feed(p, n)` does not copy when nothing is retained: events point into the caller's buffer
   until `retain()` copies what is left. The loop calls `retain()` before reusing its buffer.
 """
@@ -194,6 +198,37 @@ cdef class _Side:
         self.rstate = R_DONE
         return EV_END
 
+    cdef bint check_buffered_body(self, int error_status) except -1:
+        """Check the chunked framing of the body bytes already buffered, without consuming them
+        (a copy of the chunk decoder reads ahead). The loop calls it when a head arrives: a
+        fault in bytes that came with the head is answered before the head goes anywhere.
+        False: the fault is found, this side is in error (`error_status`) and the next event is
+        the error. Body bytes that arrive later are checked as they are decoded."""
+        cdef Py_ssize_t n, pos = 0, a = 0, z = 0
+        cdef const char* p
+        cdef ChunkedReader probe
+        cdef ChunkedReader chunks = self.chunks
+        if self.rstate != R_BODY or self.body_kind != C_BODY_CHUNKED or chunks is None:
+            return True
+        p = self.cur(&n)
+        if n == 0:
+            return True
+        probe = ChunkedReader.__new__(ChunkedReader)
+        probe._state = chunks._state
+        probe._remaining = chunks._remaining
+        probe._total = chunks._total
+        probe._trailer_bytes = chunks._trailer_bytes
+        probe._trailers = chunks._trailers
+        try:
+            while pos < n:
+                if probe.step_c(<const unsigned char*>p, pos, n, &a, &z) != C_DATA:
+                    break  # more is needed, or the body ends here (what follows is not its)
+                pos = z
+        except ProtocolError as exc:
+            self.fail(error_status, exc.reason)
+            return False
+        return True
+
     # -- body encoding ----------------------------------------------------------------------
 
     cdef int write_body(self, Buf* out, const char* p, Py_ssize_t n) except -1:
@@ -262,6 +297,10 @@ cdef class _Side:
     @property
     def buffered_bytes(self):
         return self.buffered()
+
+    def validate_buffered(self):
+        """check_buffered_body with this side's status (400 server, 502 client)."""
+        return self.check_buffered_body(502 if isinstance(self, ClientConn) else 400)
 
     def _event_tuple(self, int ev):
         if ev == EV_DATA:

@@ -130,6 +130,7 @@ cdef extern from "<sys/socket.h>" nogil:
         SO_ERROR
         MSG_NOSIGNAL
         MSG_DONTWAIT
+        MSG_PEEK
         SHUT_WR
 
 cdef extern from "<netinet/in.h>" nogil:
@@ -207,9 +208,11 @@ cdef enum:
     BODY_BUFFER_LIMIT = 1048576  # request body held while no upstream can take it (and for replay)
     LOG_FLUSH_AT = 65536        # access log bytes buffered before a write
     PIPELINE_LIMIT = 65536      # bytes read ahead of the request in flight (pipelining, EOF)
+    LINGER_LIMIT = 8388608      # bytes read and discarded in a delayed close before reading stops
 
 cdef uint32_t UNLIMITED = 4294967295u
 cdef double LINGER_BUDGET = 0.001  # most time run_once lingers for due answers in one call
+cdef double DRAIN_QUIET = 1.0  # draining: an idle keep-alive connection is closed after this
 
 # Stat indexes of a worker stats row, from the one declaration in meshcore.shm.layout.
 cdef int W_CX_TOTAL = _layout.W_INDEX["upstream_cx_total"]
@@ -311,6 +314,9 @@ cdef object _UPE = _lr.UPSTREAM_PROTOCOL_ERROR
 cdef object _HTTP10 = _lr.HTTP10_REJECTED
 cdef object _UPGRADE_FAILED = _lr.UPGRADE_FAILED
 cdef object _INTERNAL = _lr.INTERNAL_ERROR
+cdef object _STREAM_IDLE = _lr.STREAM_IDLE_TIMEOUT
+cdef object _STREAM_IDLE_COMPLETE = _lr.STREAM_IDLE_TIMEOUT_COMPLETE
+cdef object _REQUEST_TIMEOUT = _lr.REQUEST_TIMEOUT
 cdef object _protocol_reply = _lr.downstream_protocol_error
 cdef object _upstream_request = None  # meshcore.routing.actions.upstream_request, loaded lazily
 cdef tuple DROP_SERVER = (b"server",)
@@ -347,6 +353,9 @@ cdef enum:
     T_HEADER = 4
     T_CONNECT = 5
     T_RESUME_ACCEPT = 6
+    T_LINGER = 7        # a downstream connection's delayed close is over
+    T_DRAIN_IDLE = 8    # draining: an idle keep-alive connection's quiet period is over
+    T_STREAM = 9        # a stream's idle timeout / request timeout check
 
 # ------------------------------------------------------------------------------------------------
 # clocks
@@ -414,6 +423,9 @@ cdef class Loop:
     cdef public bint use_remote_address
     cdef public double header_timeout
     cdef public double idle_timeout
+    cdef public double stream_idle_timeout  # HCM stream_idle_timeout (0: off)
+    cdef public double request_timeout      # HCM request_timeout (0: off)
+    cdef public double delayed_close        # HCM delayed_close_timeout (0: close at once)
     cdef public bint accepting
     cdef public int max_connections
     # shared memory
@@ -492,6 +504,9 @@ cdef class Loop:
         self.header_timeout = header_timeout
         self.idle_timeout = idle_timeout
         self.max_connections = max_connections
+        self.stream_idle_timeout = 300.0  # Envoy's defaults
+        self.request_timeout = 0.0
+        self.delayed_close = 1.0
         self.accepting = True
         self.linger = 0.0002
         seed = _os.urandom(16)
@@ -742,15 +757,26 @@ cdef class Loop:
         return len(self.shadows)
 
     def drain(self):
-        """Stop accepting; answer in-flight requests with `connection: close`; close idle
-        keep-alive connections now (between requests, never after a request was read)."""
+        """Stop accepting (connections already in the accept queue are taken first: closing
+        the listener would reset them); every response started from now on carries
+        `connection: close` and ends its connection; idle keep-alive connections are closed
+        once quiet (DConn.drain_idle): between requests, never after a request was read.
+        TCP tunnels go on until the worker exits."""
         cdef DConn d
+        cdef Listener lst
+        cdef int i
         self.draining = True
+        for lst in list(self.listeners):
+            for i in range(16):  # up to 16 * MAX_ACCEPT queued connections
+                if lst.fd >= 0:
+                    lst.on_event(EPOLLIN)
         self.stop_accepting()
         for d in list(self.conns):
             d.proto.draining = True
-            if d.stream is None and d.proto.buffered() == 0 and buf_len(&d.out) == 0:
-                d.close()
+            if d.stream is None and not d.closing and not d.tunneling and \
+                    d.proto.buffered() == 0 and buf_len(&d.out) == 0:
+                d.drain_idle()
+        self.arm_timerfd()
 
     def stop_accepting(self):
         cdef Listener lst
@@ -1381,6 +1407,8 @@ cdef class Tunnel(Handle):
         d.proto.retain()
         if d.t_header.idx >= 0:
             self.loop.disarm(&d.t_header)
+        if d.t_stream.idx >= 0:  # HTTP's stream timeouts end here (the idle sweep takes over)
+            self.loop.disarm(&d.t_stream)
         if d.proto.buffered():  # bytes the client sent before the tunnel existed (sniffing)
             buf_append(&u.out, d.proto.cur_ptr(), d.proto.buffered())
             d.tun_in += d.proto.buffered()
@@ -1446,6 +1474,11 @@ cdef class DConn(Conn):
     cdef bytes local
     cdef double last_active
     cdef bint closing           # close once `out` is flushed
+    cdef bint answered          # ...after a whole answer: then a delayed close (finish_closing)
+    cdef bint lingering         # delayed close: writing shut down, reading and discarding
+    cdef long long linger_bytes
+    cdef Timer t_close          # T_LINGER (delayed close) or T_DRAIN_IDLE (quiet while draining)
+    cdef Timer t_stream         # T_STREAM: the current stream's idle / request timeout check
     cdef bint deferred
     cdef bint reading_paused    # backpressure: the upstream cannot take more body yet
     cdef Timer t_header
@@ -1459,6 +1492,8 @@ cdef class DConn(Conn):
     def __cinit__(self):
         self.proto = ServerConn.__new__(ServerConn)
         self.t_header.idx = -1
+        self.t_close.idx = -1
+        self.t_stream.idx = -1
 
     # -- Python API (the policy's view of a captured connection) ----------------------------
 
@@ -1533,6 +1568,8 @@ cdef class DConn(Conn):
                     self.tunnel.close_both()
                 return 0
             return self.tunnel_event(events)
+        if self.lingering:
+            return self.linger_read()
         if events & EPOLLOUT:
             self.flush()
             if self.fd < 0:
@@ -1591,6 +1628,10 @@ cdef class DConn(Conn):
             if ev == EV_HEAD:
                 if self.t_header.idx >= 0:
                     self.loop.disarm(&self.t_header)
+                if self.proto.body_kind == C_BODY_CHUNKED and \
+                        not self.proto.check_buffered_body(400):
+                    self.on_protocol_error()  # a fault already here: the head goes nowhere
+                    break
                 self.start_stream()
             elif ev == EV_DATA:
                 s.on_body(self.proto.ev_p, self.proto.ev_n)
@@ -1625,6 +1666,8 @@ cdef class DConn(Conn):
         wake the loop forever)."""
         cdef uint32_t want = 0
         cdef Stream s = self.stream
+        if self.lingering:
+            return 0  # delayed close: reading until the client's EOF (finish_closing)
         if not self.closing and not self.proto.eof:
             if s is None:
                 want = EPOLLIN
@@ -1672,7 +1715,7 @@ cdef class DConn(Conn):
         if buf_len(&self.out) == 0:
             buf_shrink(&self.out)
             if self.closing:
-                self.close()
+                self.finish_closing()
                 return 0
             s = self.stream
             if s is not None and s.resp_paused:
@@ -1691,8 +1734,9 @@ cdef class DConn(Conn):
             return 0
         if not keep:
             self.closing = True
+            self.answered = self.proto.sstate == W_DONE  # (not an abort mid-response)
             if buf_len(&self.out) == 0:
-                self.close()
+                self.finish_closing()
             else:
                 self.update_interest()
             return 0
@@ -1701,8 +1745,48 @@ cdef class DConn(Conn):
             self.loop.defer(self)  # a pipelined request: parsed after this pass's callbacks
         else:
             self.update_interest()
-            if self.loop.draining and buf_len(&self.out) == 0:
-                self.close()
+            if self.loop.draining:
+                # This response's head went out before the drain began, so it could not say
+                # `connection: close` and the client may be sending its next request already:
+                # that one is answered (with the header); a quiet connection is closed.
+                self.drain_idle()
+        return 0
+
+    cdef int drain_idle(self) except -1:
+        """Draining: close this idle keep-alive connection once it has been quiet for
+        DRAIN_QUIET (a request that comes first is answered, with `connection: close`)."""
+        self.loop.arm(&self.t_close, self, T_DRAIN_IDLE, self.last_active + DRAIN_QUIET)
+        return 0
+
+    cdef int finish_closing(self) except -1:
+        """`out` is flushed and the connection ends. After a whole answer this is Envoy's
+        delayed close: writing is shut down (the client reads the answer, then EOF) and what
+        the client still sends is read and discarded until its EOF, for at most
+        loop.delayed_close seconds and LINGER_BYTES bytes. Closing with unread bytes would
+        make the kernel send a reset, which can destroy the answer before the client reads it."""
+        if self.fd < 0 or self.lingering:
+            return 0
+        if not self.answered or self.proto.eof or self.loop.delayed_close <= 0:
+            self.close()
+            return 0
+        self.lingering = True
+        if self.t_header.idx >= 0:
+            self.loop.disarm(&self.t_header)
+        c_shutdown(self.fd, SHUT_WR)
+        self.loop.arm(&self.t_close, self, T_LINGER, mono() + self.loop.delayed_close)
+        self.loop.modify(self, EPOLLIN)
+        return 0
+
+    cdef int linger_read(self) except -1:
+        """Delayed close: read and discard; the client's EOF (or an error) ends it."""
+        cdef ssize_t n = recv(self.fd, self.loop.scratch, SCRATCH, 0)
+        if n > 0:
+            self.linger_bytes += n
+            if self.linger_bytes > LINGER_LIMIT:
+                self.loop.modify(self, 0)  # enough read: the timer ends it
+            return 0
+        if n == 0 or (errno != EAGAIN and errno != EINTR):
+            self.close()
         return 0
 
     cdef int on_eof(self) except -1:
@@ -1733,18 +1817,33 @@ cdef class DConn(Conn):
         self.proto.keep_alive = False
         self.send_bytes(_render(reply, True))
         self.closing = True
+        self.answered = True
         if buf_len(&self.out) == 0:
-            self.close()
+            self.finish_closing()
         return 0
 
     cdef int on_timer(self, int kind) except -1:
         cdef object reply
-        if kind == T_HEADER and self.stream is None and self.fd >= 0:
+        cdef char probe
+        if kind == T_HEADER and self.stream is None and self.fd >= 0 and not self.closing:
             reply = _protocol_reply(408)
             self.send_bytes(_render(reply, True))
             self.closing = True
+            self.answered = True
             if self.fd >= 0 and buf_len(&self.out) == 0:
-                self.close()
+                self.finish_closing()
+        elif kind == T_STREAM:
+            # the check of whichever stream is current (none: the timer rests until the next)
+            if self.stream is not None and self.stream.state != ST_DONE:
+                self.stream.on_stream_check()
+        elif kind == T_LINGER:
+            self.close()
+        elif kind == T_DRAIN_IDLE:
+            if self.fd >= 0 and self.stream is None and not self.closing and \
+                    self.proto.buffered() == 0 and buf_len(&self.out) == 0:
+                # Bytes already waiting are a request on its way: it is read and answered.
+                if recv(self.fd, &probe, 1, MSG_PEEK | MSG_DONTWAIT) <= 0 or self.proto.eof:
+                    self.close()
         return 0
 
     cdef int on_error(self) except -1:
@@ -1769,6 +1868,10 @@ cdef class DConn(Conn):
             return
         if self.t_header.idx >= 0:
             self.loop.disarm(&self.t_header)
+        if self.t_close.idx >= 0:
+            self.loop.disarm(&self.t_close)
+        if self.t_stream.idx >= 0:
+            self.loop.disarm(&self.t_stream)
         self.loop.unregister(self)
         c_close(self.fd)
         self.fd = -1
@@ -1863,6 +1966,10 @@ cdef class UConn(Conn):
                 break
             ev = self.proto.next_event()
             if ev == EV_HEAD:
+                if self.proto.body_kind == C_BODY_CHUNKED and \
+                        not self.proto.check_buffered_body(502):
+                    s.on_upstream_closed(self, True)  # 502, never a relayed head cut short
+                    break
                 s.on_response_head(self)
             elif ev == EV_DATA:
                 s.on_response_data(self.proto.ev_p, self.proto.ev_n)
@@ -2450,6 +2557,9 @@ cdef class Stream(Handle):
     cdef Timer t_route
     cdef Timer t_try
     cdef Timer t_wait
+    cdef double progress_at           # when bytes were last seen moving (see on_stream_check)
+    cdef long long progress_mark
+    cdef double request_deadline      # request timeout: the whole request by then (0: none)
 
     def __cinit__(self):
         self.t_route.idx = -1
@@ -2607,6 +2717,13 @@ cdef class Stream(Handle):
             return self.finish_local(_HTTP10, True, b"", None)
         if h._me - h._ms == 7 and memcmp(raw + h._ms, "CONNECT", 7) == 0:
             return self.finish_local(_NO_ROUTE, True, b"", None)
+        self.progress_at = self.t_start
+        if loop.request_timeout > 0 and not self.body_done:
+            self.request_deadline = self.t_start + loop.request_timeout
+            if self.ds.t_stream.idx < 0 or self.request_deadline < self.ds.t_stream.when:
+                self.arm_stream_check(self.t_start)
+        elif self.ds.t_stream.idx < 0 and loop.stream_idle_timeout > 0:
+            self.arm_stream_check(self.t_start)
         if h._upgrade and self.classify_upgrade(h, raw) < 0:
             return self.finish_local(_UPGRADE_FAILED, True, b"", None)
         if h._hs >= 0 and self.fast_decide(h, raw):
@@ -3025,6 +3142,55 @@ cdef class Stream(Handle):
                     return self.connect_new()
                 self.loop.arm(&self.t_wait, self, T_WAIT, mono() + 0.02)
         return 0
+
+    # -- stream idle timeout, request timeout ------------------------------------------------
+
+    cdef int arm_stream_check(self, double now) except -1:
+        """One timer serves Envoy's stream_idle_timeout and request_timeout, and it belongs to
+        the downstream connection (DConn.t_stream): a busy keep-alive connection keeps it armed
+        across its requests, so a request costs a branch, not a timer. Bytes moving cost nothing
+        per event: the check compares the stream's byte counters with what it saw the last
+        time, every quarter of the idle timeout, so a stream is ended between the idle timeout
+        and a quarter more after its last progress."""
+        cdef Loop loop = self.loop
+        cdef double due = 1e300
+        if loop.stream_idle_timeout > 0:
+            due = now + loop.stream_idle_timeout * 0.25
+            if self.progress_at + loop.stream_idle_timeout < due:
+                due = self.progress_at + loop.stream_idle_timeout
+        if self.request_deadline > 0 and not self.body_done and not self.response_started \
+                and self.request_deadline < due:
+            due = self.request_deadline
+        if due < 1e300:
+            loop.arm(&self.ds.t_stream, self.ds, T_STREAM, due)
+        return 0
+
+    cdef int on_stream_check(self) except -1:
+        """Progress is request body bytes received, the response head and response bytes
+        relayed (what passes through Envoy's filter chain and resets its idle timer: a client
+        that trickles its body keeps the stream alive, as in Envoy; the request timeout is what
+        bounds that). A stream idle for the timeout ends as Envoy ends it: before the response,
+        408 `stream timeout` while the request is still arriving, 504 once it is complete (flag
+        SI); after the response started, the client connection is reset."""
+        cdef Loop loop = self.loop
+        cdef double now = mono()
+        cdef long long progress = self.body_received + self.bytes_sent + self.response_started
+        if progress != self.progress_mark:
+            self.progress_mark = progress
+            self.progress_at = now
+        if self.request_deadline > 0 and not self.body_done and not self.response_started \
+                and now >= self.request_deadline:
+            return self.finish_local(_REQUEST_TIMEOUT, True, b"", None)
+        if loop.stream_idle_timeout > 0 and now - self.progress_at >= loop.stream_idle_timeout:
+            if self.response_started:
+                self.flags = "SI"
+                self.drop_upstream()
+                self.end_attempt()
+                return self.finish(False)
+            if self.body_done:
+                return self.finish_local(_STREAM_IDLE_COMPLETE, False, b"", None)
+            return self.finish_local(_STREAM_IDLE, True, b"", None)
+        return self.arm_stream_check(now)
 
     cdef int on_route_timeout(self) except -1:
         self.cluster.stat(W_RQ_TIMEOUT, 1)

@@ -40,6 +40,16 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not (value >= 0 and value != float("inf")):
+        raise argparse.ArgumentTypeError(f"expected a number of seconds (0: off), got {text!r}")
+    return value
+
+
 def _labels(text: str) -> dict:
     out = {}
     for item in filter(None, (x.strip() for x in text.split(","))):
@@ -300,6 +310,16 @@ def _add_run_flags(p) -> None:
                    help="per worker, close new client connections at once while N are open, "
                         "counted as listener downstream_global_cx_overflow (Envoy's overload "
                         "max_active_downstream_connections) (default 0: no limit)")
+    p.add_argument("--stream-idle-timeout", type=_non_negative_float, default=300.0,
+                   metavar="SECONDS",
+                   help="end a request when no bytes moved either way for this long: 408 while "
+                        "it arrives, 504 once complete, a reset once the response started "
+                        "(Envoy's stream_idle_timeout; 0 turns it off) (default 300)")
+    p.add_argument("--request-timeout", type=_non_negative_float, default=300.0,
+                   metavar="SECONDS",
+                   help="answer 408 when a request (head and body) is not received whole in this "
+                        "time, so a trickled upload cannot hold an upstream connection forever "
+                        "(Envoy's request_timeout, off in Envoy; 0 turns it off) (default 300)")
     p.add_argument("--admin-unsafe", action="store_true",
                    help="allow a non-loopback admin address (default: loopback only)")
     p.add_argument("--dns-refresh-rate", type=_positive_float, default=60.0, metavar="SECONDS",
@@ -436,6 +456,8 @@ def cmd_run(args) -> int:
     options = {"access_log": not args.no_access_log, "use_remote_address": args.use_remote_address,
                "request_headers_timeout": args.request_headers_timeout,
                "max_connections": args.max_connections,
+               "stream_idle_timeout": args.stream_idle_timeout,
+               "request_timeout": args.request_timeout,
                "dns_refresh_rate": args.dns_refresh_rate, "workload": _workload_options(args),
                "health": health,
                "sidecar": ({"inbound_listen": inbound,

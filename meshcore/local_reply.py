@@ -47,6 +47,12 @@ UPGRADE_FAILED = LocalReply(403, b"", "-", "upgrade_failed")
 PATH_NORMALIZATION_FAILED = LocalReply(400, b"", "-", "path_normalization_failed")
 _BY_REASON = {R_FRAGMENT: PATH_NORMALIZATION_FAILED}
 INTERNAL_ERROR = LocalReply(500, b"internal error", "-", "meshcore_internal_error")
+# HCM stream_idle_timeout: 408 while the request is still arriving, 504 once it is complete
+# (Envoy's Utility::maybeRequestTimeoutCode); a response already started is reset instead.
+STREAM_IDLE_TIMEOUT = LocalReply(408, b"stream timeout", "SI", "stream_idle_timeout")
+STREAM_IDLE_TIMEOUT_COMPLETE = LocalReply(504, b"stream timeout", "SI", "stream_idle_timeout")
+# HCM request_timeout: the whole request was not received in time (Envoy sets no flag).
+REQUEST_TIMEOUT = LocalReply(408, b"request timeout", "-", "request_overall_timeout")
 
 
 def retried(reply: LocalReply) -> LocalReply:

@@ -61,6 +61,8 @@ def worker_main(conn, index: int, segment_name: str, listen: tuple[str, int], sn
                    use_remote_address=options.get("use_remote_address", False),
                    header_timeout=options.get("request_headers_timeout", 10.0),
                    max_connections=options.get("max_connections", 0),
+                   stream_idle_timeout=options.get("stream_idle_timeout", 300.0),
+                   request_timeout=options.get("request_timeout", 300.0),
                    max_events=MAX_EVENTS,
                    # run --sidecar: plain values for the data path (meshcore.config.sidecar)
                    **_sidecar_arguments(options.get("sidecar")),

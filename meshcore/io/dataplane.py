@@ -122,7 +122,8 @@ class Dataplane:
                  access_log_file=None, access_log_encoding: str = "text",
                  access_log_format=None, use_remote_address: bool = False,
                  header_timeout: float = 10.0, idle_timeout: float = 3600.0,
-                 max_connections: int = 0, max_events: int = 256, metrics: bool = True,
+                 max_connections: int = 0, stream_idle_timeout: float = 300.0,
+                 request_timeout: float = 300.0, max_events: int = 256, metrics: bool = True,
                  spawn=None, sidecar: bool = False, inbound_listen=None,
                  outbound_traffic_policy: str = "ALLOW_ANY"):
         # run --sidecar (meshcore.config.sidecar): connections on the outbound listener are routed
@@ -159,6 +160,8 @@ class Dataplane:
         self.loop = Loop(self, max_events=max_events, log_fd=log_fd, log_mode=log_mode,
                          use_remote_address=use_remote_address, header_timeout=header_timeout,
                          idle_timeout=idle_timeout, max_connections=max_connections)
+        self.loop.stream_idle_timeout = stream_idle_timeout
+        self.loop.request_timeout = request_timeout
         self.loop.attach_shm(segment.buf)
         self.metrics = metrics  # Istio metrics, per-host counters, final charges (meshcore.metrics)
         if metrics:

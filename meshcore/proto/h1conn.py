@@ -40,6 +40,9 @@ Rules (h11's, narrowed to what a proxy hop needs):
   arrived beyond the response.
 * Errors carry the status they imply: 400/414/431/501/505 (and the parser's 417) downstream,
   502 for anything malformed from upstream.
+* Nothing half-forwarded: when a head arrives with chunked body bytes behind it, the proxy
+  calls `validate_buffered()` before forwarding the head; a fault in those bytes is the
+  next event, so neither the head nor any of the body goes on.
 """
 
 from meshcore.errors import ProtocolError
@@ -191,6 +194,34 @@ class _Side:
         self._rstate = R_DONE  # BODY_NONE
         return _END
 
+    def _check_buffered_body(self, error_status):
+        """Check the chunked framing of the body bytes already buffered, without consuming them
+        (a copy of the chunk decoder reads ahead). The proxy calls it when a head arrives: a
+        fault in bytes that came with the head is answered before the head goes anywhere.
+        False: the fault is found, this side is in error (`error_status`) and the next event is
+        the error. Body bytes that arrive later are checked as they are decoded."""
+        chunks = self._chunks
+        if self._rstate != R_BODY or self._body_kind != BODY_CHUNKED or chunks is None:
+            return True
+        buf = self._in
+        n = len(buf)
+        if n == 0:
+            return True
+        probe = ChunkedReader()
+        for name in ChunkedReader.__slots__:
+            setattr(probe, name, getattr(chunks, name))
+        pos = 0
+        try:
+            while pos < n:
+                step, _, z = probe.step(buf, pos, n)
+                if step != _STEP_DATA:
+                    break  # more is needed, or the body ends here (what follows is not its)
+                pos = z
+        except ProtocolError as exc:
+            self._fail(error_status, exc.reason)
+            return False
+        return True
+
     # -- sending ----------------------------------------------------------------------------
 
     def _start_body(self, body_kind, length):
@@ -258,6 +289,12 @@ class _Side:
     def buffered_bytes(self):
         """Received bytes not consumed yet (a pipelined request, stray bytes, a partial head)."""
         return len(self._in)
+
+    def validate_buffered(self):
+        """Check the chunked framing of body bytes already buffered, before the head they came
+        with is forwarded (see _check_buffered_body; 400 for a server, 502 for a client).
+        True: nothing wrong so far; False: the next event is the error."""
+        return self._check_buffered_body(502 if isinstance(self, ClientConn) else 400)
 
 
 class ServerConn(_Side):

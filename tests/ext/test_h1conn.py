@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from h1parse_corpus import CORPUS, EXTRA, NEXT_REQUEST
+from h1parse_corpus import CHUNKED_INVALID, CHUNKED_VALID, CORPUS, EXTRA, NEXT_REQUEST
 from meshcore.errors import ProtocolError
 from meshcore.proto import h1conn as pure
 from meshcore.proto.h1_parse import BODY_CHUNKED, BODY_CLOSE, BODY_LENGTH, BODY_NONE
@@ -566,6 +566,81 @@ def test_hardening_corpus(h1c, case):
         assert serve(h1c, [data[i:i + 4093] for i in range(0, len(data), 4093)])[0] == trace
     if isinstance(expected, int):
         assert serve(h1c, [data + NEXT_REQUEST])[0] == trace  # what follows never matters
+
+
+# ---------------------------------------------------------------------------------------------
+# validate_buffered: the body bytes that came with a head are checked before it is forwarded
+
+CHUNKED_POST = request(method=b"POST", headers=b"Transfer-Encoding: chunked\r\n")
+
+
+def _decoded_error(h1c, conn_factory, prefix, body):
+    """The error event plain decoding of `prefix + body` ends in (the reference)."""
+    conn = conn_factory()
+    evs = merge(feed(conn, prefix + body))
+    assert evs[-1][0] == "error", evs
+    return evs[-1]
+
+
+@pytest.mark.parametrize("body", CHUNKED_INVALID, ids=range(len(CHUNKED_INVALID)))
+def test_validate_buffered_finds_the_decoders_fault_before_the_head_goes_on(h1c, body):
+    s = h1c.ServerConn()
+    s.receive_data(CHUNKED_POST + body)
+    assert s.event() == ("head",)
+    assert s.validate_buffered() is False
+    want = _decoded_error(h1c, h1c.ServerConn, CHUNKED_POST, body)
+    assert want[1] == 400
+    # nothing of the body was handed out: the next event is the decoder's own error
+    assert (s.event(), s.state, s.body_received) == (want, pure.R_ERROR, 0)
+    c = h1c.ClientConn()
+    c.begin_request(False, BODY_NONE)
+    head = response(headers=b"Transfer-Encoding: chunked\r\n")
+    c.receive_data(head + body)
+    assert c.event() == ("head",)
+    assert c.validate_buffered() is False
+    got = c.event()
+    assert got[:2] == ("error", 502) and got[2] == want[2]
+
+
+@pytest.mark.parametrize("body,data", CHUNKED_VALID, ids=range(len(CHUNKED_VALID)))
+def test_validate_buffered_passes_valid_bodies_and_consumes_nothing(h1c, body, data):
+    for cut in (len(body), len(body) // 2, 1):
+        s = h1c.ServerConn()
+        s.receive_data(CHUNKED_POST + body[:cut] + (NEXT_REQUEST if cut == len(body) else b""))
+        assert s.event() == ("head",)
+        before = s.buffered_bytes
+        assert s.validate_buffered() is True
+        assert s.buffered_bytes == before
+        evs = merge(pull(s) + (feed(s, body[cut:]) if cut < len(body) else []))
+        assert evs[-2:] == [("end",), ("paused",)] and b"".join(
+            e[1] for e in evs if e[0] == "data") == data
+
+
+def test_validate_buffered_reads_on_from_where_the_decoder_is(h1c):
+    # Mid-body (data partly handed out, a chunk open), the check goes on from the decoder's
+    # state: the rest of an open chunk is data, not a size line.
+    s = h1c.ServerConn()
+    assert feed(s, CHUNKED_POST + b"a\r\n01234") == [("head",), ("data", b"01234"), ("need_data",)]
+    s.receive_data(b"5\r\n0\r\n")  # the chunk's last 5 bytes, then no CRLF (fresh: size 5)
+    assert s.validate_buffered() is False
+    assert s.event()[:2] == ("error", 400)
+    s = h1c.ServerConn()
+    feed(s, CHUNKED_POST + b"a\r\n01234")
+    s.receive_data(b"zzzzz\r\n0\r\n\r\n")  # data, though "zzzzz" is no size line
+    assert s.validate_buffered() is True
+    assert merge(pull(s)) == [("data", b"zzzzz"), ("end",), ("paused",)]
+
+
+def test_validate_buffered_is_a_no_op_outside_chunked_bodies(h1c):
+    s = h1c.ServerConn()
+    s.receive_data(request(method=b"POST", headers=b"Content-Length: 3\r\n", body=b"abcGARBAGE"))
+    assert s.event() == ("head",)
+    assert s.validate_buffered() is True  # bytes past the length are the next request's
+    s = h1c.ServerConn()
+    assert s.validate_buffered() is True  # no head yet
+    s.receive_data(request() + b"zz\r\n")
+    assert s.event() == ("head",)
+    assert s.validate_buffered() is True
 
 
 # ---------------------------------------------------------------------------------------------

@@ -8,6 +8,9 @@ Properties:
   same bytes to send;
 * split invariance: each twin gives the same events (body bytes joined) whether a stream arrives
   whole or in pieces;
+* validate_buffered predicts the decoder: asked right after a head, it is False exactly when
+  decoding the bytes already buffered ends in an error (which is then the next event), it
+  consumes nothing, and the twins give the same verdict;
 * re-framing: whatever a ServerConn accepts, re-sent through a ClientConn with the decoded
   framing (begin_request/send_body/finish_request), is a message with the same body, the same
   kind of framing (Content-Length stays the same length, chunked stays chunked) in canonical form
@@ -24,7 +27,7 @@ import importlib
 import os
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from meshcore.errors import ProtocolError
@@ -438,6 +441,90 @@ def test_client_twins_agree(both, exs, eof):
 def test_client_cut_does_not_matter(h1c, exs, eof):
     whole = [(act, [b"".join(pieces)]) for act, pieces in exs]
     assert split_free(drive_client(h1c, exs, eof)) == split_free(drive_client(h1c, whole, eof))
+
+
+# ---------------------------------------------------------------------------------------------
+# property: validate_buffered predicts the decoder, consumes nothing, and the twins agree
+
+def _until_wait(conn):
+    evs = []
+    while True:
+        ev = conn.event()
+        evs.append(ev)
+        if ev[0] in ("need_data", "paused", "error", "eof", "upgrade"):
+            return evs
+        assert len(evs) < 100000
+
+
+def _predicts(mod, make, data):
+    """validate_buffered after the head of `data`: it is False exactly when decoding the bytes
+    already there ends in an error, which is then the next event; when True, the events are
+    those of a connection never asked. Returns the verdict (None: no head)."""
+    conn, ref = make(mod), make(mod)
+    conn.receive_data(data)
+    ref.receive_data(data)
+    first = [conn.event(), ref.event()]
+    while first[0][0] == "informational":  # (a 1xx before the response is skipped)
+        first = [conn.event(), ref.event()]
+    if first != [("head",), ("head",)]:
+        return None
+    buffered = conn.buffered_bytes
+    ok = conn.validate_buffered()
+    want = _until_wait(ref)
+    if ok:
+        assert conn.buffered_bytes == buffered
+        assert _until_wait(conn) == want
+    else:
+        assert want[-1][0] == "error"
+        assert conn.event() == want[-1]
+    return ok
+
+
+def _server(mod):
+    return mod.ServerConn()
+
+
+def _client(mod):
+    conn = mod.ClientConn()
+    conn.begin_request(False, BODY_NONE)
+    return conn
+
+
+@st.composite
+def chunked_after_head(draw, head):
+    """A chunked message's head and its body (whole, cut short, mutated after the head, or
+    followed by the next message): the cases validate_buffered is for."""
+    body = draw(chunked_body(draw(st.binary(max_size=40))))
+    how = draw(st.sampled_from(["whole", "short", "mutated", "mutated", "then-next"]))
+    if how == "short":
+        body = body[:draw(st.integers(0, len(body)))]
+    elif how == "mutated":
+        body = draw(mutated(body))
+    elif how == "then-next":
+        body += draw(st.sampled_from([b"GET / HTTP/1.1\r\nHost: a\r\n\r\n", b"zz\r\n"]))
+    return head + body
+
+
+REQUEST_HEAD = b"POST /p HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n"
+RESPONSE_HEAD = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+
+
+@fuzz(300)
+@given(st.one_of(request_stream(), chunked_after_head(REQUEST_HEAD)))
+def test_validate_buffered_predicts_the_request_decoder(both, stream):
+    p, c = both
+    verdict = _predicts(p, _server, stream)
+    assert _predicts(c, _server, stream) == verdict
+    event(f"verdict: {verdict}")
+
+
+@fuzz(300)
+@given(st.one_of(response_bytes(False), chunked_after_head(RESPONSE_HEAD)))
+def test_validate_buffered_predicts_the_response_decoder(both, data):
+    p, c = both
+    verdict = _predicts(p, _client, data)
+    assert _predicts(c, _client, data) == verdict
+    event(f"verdict: {verdict}")
 
 
 # ---------------------------------------------------------------------------------------------

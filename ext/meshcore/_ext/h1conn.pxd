@@ -58,6 +58,7 @@ cdef class _Side:
     cdef Py_ssize_t buffered(self)
     cdef int fail(self, int status, object reason)
     cdef int body_event(self, int error_status) except -1
+    cdef bint check_buffered_body(self, int error_status) except -1
     cdef int write_body(self, Buf* out, const char* p, Py_ssize_t n) except -1
     cdef int write_end(self, Buf* out) except -1
     cdef void release_buffers(self)
