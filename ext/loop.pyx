@@ -1804,7 +1804,7 @@ cdef class DConn(Conn):
 
     cdef int on_protocol_error(self) except -1:
         """A malformed request: its status hint, then close (nothing was forwarded)."""
-        cdef object reply = _protocol_reply(self.proto.error_status)
+        cdef object reply = _protocol_reply(self.proto.error_status, self.proto.error_reason)
         cdef Stream s = self.stream
         if s is not None:
             if s.response_started:
