@@ -2,9 +2,9 @@
 exactly the framing of what it answered. See e2e_framing.py for the oracle and the properties.
 
 Bounded for CI: about 30 s on one shared core; MESHCORE_E2E_EXAMPLES=N runs N examples per
-property (e.g. 5000). Derandomized, no example database; a failure prints the example. The part
-that needs the lead's event-loop work (nothing of a refused request reaches the origin; a
-malformed buffered response body is a 502) is in pending_lead_e2e_framing.py.
+property (e.g. 5000). Derandomized, no example database; a failure prints the example. The strict
+half (nothing of a refused request reaches the origin; a malformed buffered response body is a
+502; no answer destroyed by a reset) is test_e2e_framing_strict.py.
 """
 import pytest
 from hypothesis import given
@@ -74,8 +74,8 @@ def check_requests(oracle, replies, closed, reset, upstream):
             break
         if k >= len(replies):
             # unanswered: only after a local reply that closed the connection, or when a reset
-            # destroyed what was sent (the delayed close the lead's loop work adds; asserted
-            # in pending_lead_e2e_framing.py)
+            # destroyed what was sent (test_e2e_framing_strict.py asserts no reset destroys
+            # an answer, now that the loop closes with a delayed close)
             assert reset or (closed and k > 0 and b"close" in b",".join(
                 replies[k - 1][1].get(b"connection", [])).lower()), (k, replies)
             break

@@ -1,5 +1,5 @@
 """Bounded chaos for meshcore (issue 9): backend pods SIGKILLed under load with retries on, a worker
-SIGKILLed, then a drain; the shared pieces of test_chaos.py and pending_lead_chaos_drain.py.
+SIGKILLed, then a drain; the shared pieces of test_chaos.py and test_chaos_drain.py.
 
 * `Pods`: chaos_backend.py processes, one per pod, each logging every request it received to one
   shared file before answering; `kill_one()` SIGKILLs a live pod; a kubelet thread restarts dead

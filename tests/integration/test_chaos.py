@@ -3,8 +3,7 @@ SIGKILLed, then a drain. No lost request, no cross-wired response, POSTs repeate
 route's retryOn allows (tests/integration/chaos.py). About 15 s.
 
 The drain half with keep-alive clients (every response finished while draining says
-`Connection: close`, no request read is left unanswered) needs the lead's loop work: it is in
-pending_lead_chaos_drain.py.
+`Connection: close`, no request read is left unanswered) is test_chaos_drain.py.
 """
 import os
 import random

@@ -1,10 +1,5 @@
-"""PENDING the lead's event-loop items (not collected by the suite: run it by path, and rename it
-to test_*.py once it passes):
-
-    pytest tests/fuzz/pending_lead_e2e_framing.py
-
-The end-to-end framing properties of test_e2e_framing.py, made strict where the loop work is
-missing today:
+"""The end-to-end framing properties of test_e2e_framing.py, made strict (issue 9's loop work:
+buffered bodies validated before forwarding, delayed close):
 
 * a refused request sent in one write leaks nothing: not even its head reaches the origin
   ("validate buffered body bytes before forwarding", request side);

@@ -1,13 +1,7 @@
-"""PENDING a one-line change in the lead's loop (not collected by the suite: run it by path, and
-rename it to test_*.py once it passes):
-
-    pytest tests/integration/pending_lead_fragment_reply.py
-
-A target with `#` is refused by both parsers with the reason "fragment in request target", and
+"""A target with `#` is refused by both parsers with the reason "fragment in request target";
 meshcore.local_reply.downstream_protocol_error(status, reason) maps that reason to Envoy's own
-reply (400, empty body, no content-type, details path_normalization_failed). The loop's
-DConn.on_protocol_error passes only the status today; with
-`_protocol_reply(self.proto.error_status, self.proto.error_reason)` the answers are Envoy's.
+reply (400, empty body, no content-type, details path_normalization_failed), and the loop's
+DConn.on_protocol_error passes it the parser's reason. Compared with Envoy 1.40 case by case.
 """
 import pytest
 
