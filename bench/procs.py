@@ -97,6 +97,20 @@ def status_kb(pid: int, key: str) -> int | None:
     return None
 
 
+def reset_peak_rss(pids: list[int]) -> bool:
+    """Set each process's VmHWM back to its current RSS (`clear_refs` 5, Linux >= 4.0), so a
+    peak read later is the peak under load, not a start-up transient (imports, config
+    parsing). Done for every target alike; False when the kernel or permissions refuse."""
+    ok = True
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/clear_refs", "w") as f:
+                f.write("5")
+        except OSError:
+            ok = False
+    return ok
+
+
 def cmdline(pid: int) -> str:
     text = _read(f"/proc/{pid}/cmdline") or ""
     return " ".join(text.split("\0")).strip()

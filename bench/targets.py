@@ -320,8 +320,9 @@ class Meshcore(Target):
 
     def __init__(self, name: str, workers: int, endpoints: int = 1, access_log: bool = False,
                  extra_yaml: str = "", flags: list[str] | None = None, label: str | None = None,
-                 loop_stats: bool = False):
+                 loop_stats: bool = False, env: dict[str, str] | None = None):
         super().__init__(name, label or f"meshcore, {workers} worker{'s' if workers > 1 else ''}")
+        self.env = dict(env or {})  # extra environment of `meshcore run` (a matrix variant's)
         self.workers = workers
         self.endpoints = endpoints
         self.access_log = access_log
@@ -342,17 +343,20 @@ class Meshcore(Target):
         self.configs = {"config": cfg}
         argv = [sys.executable, "-m", "meshcore", "run", "--config", cfg,
                 "--listen", f"127.0.0.1:{self.port}", "--admin", f"127.0.0.1:{self.admin_port}",
-                "--workers", str(self.workers)]
+                "--workers", str(self.workers),
+                # Istio's Prometheus port (15090 by default) is a fixed port: two meshcore
+                # targets of one run would collide on it; the admin port serves the metrics
+                "--prometheus", "off"]
         stdout = None
         if not self.access_log:
             argv.append("--no-access-log")
         else:  # the access log goes to stdout: a file in the log dir, removed after the run
             stdout = os.path.join(logdir, f"{self.name}.access.log")
         argv += self.flags
-        env = None
+        env = dict(self.env) or None
         if self.loop_stats:
             self.stats_prefix = os.path.join(logdir, f"{self.name}.loopstats")
-            env = {"MESHCORE_LOOP_STATS": self.stats_prefix}
+            env = dict(self.env, MESHCORE_LOOP_STATS=self.stats_prefix)
         self.proc = Proc(self.name, argv, logdir, stdout_path=stdout, cpus=cpus, env=env)
 
     def loop_stats_snapshot(self) -> dict[int, dict]:
@@ -399,6 +403,36 @@ def envoy_bootstrap(port: int, admin_port: int, backend_ports: list[int], extra_
                             access_log=access_log))
 
 
+def minimal_envoy_bootstrap(port: int, admin_port: int, backend_ports: list[int]) -> str:
+    """The least Envoy can be asked to do: one listener, an HCM with the router filter only, one
+    route to one STATIC cluster (round robin), route timeout 0s, no retries, Envoy's default
+    breakers: the cheapest Envoy, not what Istio programs (`envoy_bootstrap` is that)."""
+    eps = ", ".join("{endpoint: {address: {socket_address: {address: 127.0.0.1, "
+                    f"port_value: {p}" + "}}}}" for p in backend_ports)
+    hcm = "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3." \
+          "HttpConnectionManager"
+    router = "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"
+    return f"""admin: {{address: {{socket_address: {{address: 127.0.0.1, port_value: {admin_port}}}}}}}
+static_resources:
+  listeners:
+  - name: minimal
+    address: {{socket_address: {{address: 127.0.0.1, port_value: {port}}}}}
+    filter_chains:
+    - filters:
+      - name: envoy.filters.network.http_connection_manager
+        typed_config:
+          "@type": {hcm}
+          stat_prefix: minimal
+          route_config: {{virtual_hosts: [{{name: b, domains: ["*"], routes: [{{match: {{prefix: "/"}}, route: {{cluster: b, timeout: 0s}}}}]}}]}}
+          http_filters: [{{name: envoy.filters.http.router, typed_config: {{"@type": {router}}}}}]
+  clusters:
+  - name: b
+    type: STATIC
+    connect_timeout: 10s
+    load_assignment: {{cluster_name: b, endpoints: [{{lb_endpoints: [{eps}]}}]}}
+"""
+
+
 class Envoy(Target):
     """Envoy --concurrency 1 on the bootstrap generated from the same Istio YAML as meshcore's
     (`endpoints`, `access_log` and `extra_yaml` as for `Meshcore`)."""
@@ -406,9 +440,11 @@ class Envoy(Target):
     kind = "envoy"
 
     def __init__(self, binary: str, endpoints: int = 1, access_log: bool = False,
-                 extra_yaml: str = "", name: str = "envoy", label: str | None = None):
+                 extra_yaml: str = "", name: str = "envoy", label: str | None = None,
+                 minimal: bool = False):
         super().__init__(name, label or "Envoy --concurrency 1")
         self.binary = binary
+        self.minimal = minimal  # minimal_envoy_bootstrap instead of what Istio programs
         self.endpoints = endpoints
         self.access_log = access_log
         self.extra_yaml = extra_yaml
@@ -428,7 +464,8 @@ class Envoy(Target):
         if log:
             os.makedirs(logdir, exist_ok=True)
         cfg = _write(os.path.join(cfgdir, f"{self.name}.yaml"),
-                     envoy_bootstrap(self.port, self.admin_port, ports, self.extra_yaml, log))
+                     minimal_envoy_bootstrap(self.port, self.admin_port, ports) if self.minimal
+                     else envoy_bootstrap(self.port, self.admin_port, ports, self.extra_yaml, log))
         self.configs = {"istio": istio, "bootstrap": cfg}
         self.proc = Proc(self.name, [self.binary, "-c", cfg, "--concurrency", "1",
                                      "--disable-hot-restart", "--log-level", "warning"],

@@ -213,6 +213,7 @@ def main(argv: list[str] | None = None) -> int:
         for t in chosen:
             if t.proc:
                 t.wait_ready()
+        procs.reset_peak_rss([p for t in chosen for p in t.pids()])  # peak under load only
         for r in range(args.rounds):
             order = chosen[r % len(chosen):] + chosen[:r % len(chosen)]
             for t in order:
