@@ -8,7 +8,7 @@ import time
 from http import HTTPStatus
 from typing import NamedTuple
 
-from meshcore.proto.h1_parse import R_FRAGMENT
+from meshcore.proto.wire import R_FRAGMENT  # not the pure twin: a worker never loads it
 
 _RESET_PREFIX = "upstream connect error or disconnect/reset before headers. "
 
