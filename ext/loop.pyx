@@ -201,7 +201,7 @@ cdef extern from *:
 # constants
 
 cdef enum:
-    SCRATCH = 131072            # one recv's worth; what is left unconsumed is retained per conn
+    SCRATCH = 262144            # one recv's worth; what is left unconsumed is retained per conn
     MAX_ACCEPT = 64             # accepts per readiness event (fairness between listener and conns)
     HIGH_WATER = 262144         # pause the producer when a peer's unsent bytes pass this
     LOW_WATER = 65536           # ...and resume it below this
