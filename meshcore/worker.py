@@ -100,7 +100,7 @@ def _sidecar_arguments(sidecar: dict | None) -> dict:
 
 async def serve(dp, conn) -> None:
     async with trio.open_nursery() as nursery:
-        dp.spawn = nursery.start_soon
+        dp.start_background(nursery.start_soon)
         nursery.start_soon(drive, dp.loop)
         nursery.start_soon(housekeeping, dp)
         return_freed_memory()

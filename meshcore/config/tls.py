@@ -8,8 +8,9 @@ the request's authority (Istio's auto SNI). DISABLE (and no `tls`) is plaintext.
 the mesh's workload certificates, which meshcore has not: plaintext, with a warning.
 `credentialName` (a Kubernetes Secret) cannot be read without Kubernetes: warned and ignored.
 
-The data path (upstream connection setup) reads `ClientTlsPolicy`; `ssl_context()` builds the
-`ssl.SSLContext` it describes (reads the certificate files; no network).
+The data path reads `ClientTlsPolicy` through meshcore.io.tls_origination (a per-worker TLS
+relay the loop's pooled connections go through); `ssl_context()` builds the `ssl.SSLContext` it
+describes (reads the certificate files; no network).
 """
 from __future__ import annotations
 

@@ -142,6 +142,7 @@ class Dataplane:
         self.segment = segment
         self.worker = worker
         self.spawn = spawn  # starts a background task (capture sink flushers); set by the worker
+        self.tls = None  # meshcore.io.tls_origination.TlsOrigination, once a cluster needs it
         # The access log: Istio's default text format is formatted by the loop in C; JSON and
         # custom formats go through meshcore.accesslog's compiled formatter (one Python call per
         # request).
@@ -218,8 +219,7 @@ class Dataplane:
         cslot, hslots = slots
         limits = policy.limits
         handle = ClusterHandle(
-            self.loop, name,
-            [(e.address, e.port, e.key) for e in policy.endpoints],
+            self.loop, name, self._connect_addresses(policy),
             stats_off=layout.worker_row_off(self.worker, cslot),
             cluster_off=layout.cluster_off(cslot),
             host_offs=[layout.host_off(s) for s in hslots] if hslots else None,
@@ -240,6 +240,32 @@ class Dataplane:
         state.handle = handle
         handle.state = state
         return state
+
+    def _connect_addresses(self, policy) -> list:
+        """(address, port, key) the loop connects to per endpoint: the endpoint itself, or for a
+        cluster that originates TLS the worker's relay to it (meshcore.io.tls_origination)."""
+        if policy.tls is None:
+            return [(e.address, e.port, e.key) for e in policy.endpoints]
+        if self.tls is None:  # imported only here: plaintext-only workers stay small
+            from meshcore.io.tls_origination import TlsOrigination
+            self.tls = TlsOrigination()
+            if self.spawn is not None:
+                self.tls.start(self.spawn)
+        out = []
+        for e in policy.endpoints:
+            # SNI: the rule's `sni`, else the service's name (a wildcard host has none: then the
+            # endpoint's own name, as the request gave it)
+            name = policy.service_host if not policy.service_host.startswith("*") else e.address
+            host, port = self.tls.address(policy.tls, e.address, e.port, name,
+                                          policy.connect_timeout)
+            out.append((host, port, e.key))
+        return out
+
+    def start_background(self, spawn) -> None:
+        """trio runs: background tasks may start (capture flushers, TLS relays)."""
+        self.spawn = spawn
+        if self.tls is not None:
+            self.tls.start(spawn)
 
     def _request_cluster(self, state: ClusterState, endpoints) -> ClusterState:
         """The per-request cluster for this endpoint set: the cluster's rows (stats, breakers),
@@ -551,6 +577,8 @@ class Dataplane:
     def close(self) -> None:
         for state in self.clusters.values():
             state.handle.close_idle()
+        if self.tls is not None:
+            self.tls.close()
         self.loop.close()
         for sink in self.sinks.values():
             sink.close()

@@ -1,7 +1,7 @@
 """DestinationRule `tls` compiled into ClientTlsPolicy (meshcore.config.tls), and the SSLContext it
 describes checked against a local TLS server with a CA the test generates (openssl CLI).
-The data path's use of the policy (upstream TLS origination) is the I/O shell's; this proves the
-policy the shell will get is the one Istio's fields mean."""
+This proves the policy is the one Istio's fields mean; tests/integration/test_tls_origination.py
+proves the data path originates TLS with it."""
 from __future__ import annotations
 
 import shutil
