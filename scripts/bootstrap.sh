@@ -2,7 +2,8 @@
 # Create .venv (if needed) and install meshcore editable with its test and bench extras; the Cython
 # extensions in ext/ are compiled in place as meshcore/_ext/*.so. Safe to re-run.
 # As root, also installs Debian's `prometheus` (the observability test scrapes meshcore with it)
-# and `iptables` (the sidecar tests install capture rules in network namespaces they create).
+# `iptables` (the sidecar tests install capture rules in network namespaces they create) and
+# `openssl` (the TLS tests make a test CA).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -29,22 +30,25 @@ install_prometheus() {
 }
 install_prometheus
 
-install_iptables() {
-  # `meshcore iptables` runs the iptables binary; the sidecar tests run it inside network
-  # namespaces they create (tests/integration/netns.py). A fresh machine has `ip` but not this.
-  command -v iptables >/dev/null 2>&1 && return 0
+install_tool() {
+  # install_tool COMMAND PACKAGE WHY: Debian's PACKAGE when COMMAND is missing (as root).
+  local cmd=$1 pkg=$2 why=$3
+  command -v "$cmd" >/dev/null 2>&1 && return 0
   if [ "$(id -u)" != 0 ] || ! command -v apt-get >/dev/null 2>&1; then
-    echo "meshcore: iptables is not installed (apt-get install iptables); the network-namespace" \
-         "sidecar tests need it and root" >&2
+    echo "meshcore: $cmd is not installed (apt-get install $pkg); $why" >&2
     return 0
   fi
   if ! { DEBIAN_FRONTEND=noninteractive apt-get update -qq \
          && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
-              iptables >/dev/null; }; then
-    echo "meshcore: installing iptables failed; the network-namespace tests will fail in CI" >&2
+              "$pkg" >/dev/null; }; then
+    echo "meshcore: installing $pkg failed; $why" >&2
   fi
 }
-install_iptables
+# `meshcore iptables` runs the iptables binary; the sidecar tests run it inside network
+# namespaces they create (tests/integration/netns.py). A fresh machine has `ip` but not this.
+install_tool iptables iptables "the network-namespace sidecar tests need it and root"
+# The TLS tests sign their certificates with a test CA made by the openssl command.
+install_tool openssl openssl "the TLS origination tests need it to make their test CA"
 PYTHON=${PYTHON:-python3}
 if [ ! -x .venv/bin/python ]; then
   "$PYTHON" -m venv .venv

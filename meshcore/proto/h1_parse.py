@@ -51,7 +51,7 @@ __all__ = [
     "MAX_REQUEST_HEAD", "MAX_HEADERS", "MAX_REQUEST_LINE", "MAX_RESPONSE_HEAD", "MAX_CHUNK_LINE",
     "BODY_NONE", "BODY_LENGTH", "BODY_CHUNKED", "BODY_CLOSE", "NEED_DATA", "DATA", "DONE",
     "RequestHead", "ResponseHead", "ChunkedReader", "parse_request", "parse_response",
-    "request_body_kind", "response_body_kind",
+    "request_body_kind", "response_body_kind", "R_FRAGMENT",
 ]
 
 MAX_REQUEST_HEAD = 60 * 1024
