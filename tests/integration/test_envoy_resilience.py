@@ -178,17 +178,29 @@ spec:
       http: {{http1MaxPendingRequests: {max_pending}}}
 """
     config = write_config(str(tmp_path), mesh([slow.port("slow")], "{attempts: 0}", dr))
-    envoy = Envoy(tmp_path, config)
-    px = Proxy([config], workers=1, extra=["--no-access-log"])
+    low = min(n, max_pending)
+    # A burst is only a burst when the proxy reads it all before its first upstream connection
+    # is up; on a loaded machine the requests spread out and Envoy serves up to maxConnections +
+    # pending (seen: 5 of 10 at cx4-pending1 while a build ran). So each attempt starts both
+    # proxies cold, and the case passes when one attempt shows both capped near the pending
+    # limit: a proxy that does not count waiting requests as pending never is.
+    attempts = []
     try:
-        served = {}
-        for name, port in (("envoy", envoy.port), ("meshcore", px.port)):
-            statuses = _burst(port, n)
-            assert set(statuses) <= {200, 503}, (name, statuses)
-            served[name] = statuses.count(200)
-        low = min(n, max_pending)
-        assert all(low <= v <= low + 1 for v in served.values()), served
+        for _ in range(3):
+            envoy = Envoy(tmp_path, config)
+            px = Proxy([config], workers=1, extra=["--no-access-log"])
+            try:
+                served = {}
+                for name, port in (("envoy", envoy.port), ("meshcore", px.port)):
+                    statuses = _burst(port, n)
+                    assert set(statuses) <= {200, 503}, (name, statuses)
+                    served[name] = statuses.count(200)
+            finally:
+                px.stop()
+                envoy.stop()
+            attempts.append(served)
+            if all(low <= v <= low + 1 for v in served.values()):
+                return
+        pytest.fail(f"served of {n} per attempt, expected {low}..{low + 1}: {attempts}")
     finally:
-        px.stop()
-        envoy.stop()
         slow.stop()
