@@ -28,6 +28,8 @@ import time
 from collections import Counter
 from dataclasses import dataclass
 
+import pytest
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 ATTEMPTS = 3
 
@@ -274,3 +276,15 @@ def judge(outcomes, log, allow_resets=lambda o: False) -> Verdict:
         if not o.status and o.path.startswith("/post-safe") and seen[o.nonce] > 1:
             repeated.append((o, seen[o.nonce]))
     return Verdict(len(outcomes), ok, refused, truncated, lost, resets, crossed, repeated, seen)
+
+
+@pytest.fixture
+def cluster(tmp_path):
+    """Three pods and a 2-worker proxy over them (the chaos tests' fixture)."""
+    from harness import Proxy, free_port, write_config
+    pods = Pods(3, str(tmp_path / "origin.log"), free_port)
+    px = Proxy([write_config(str(tmp_path), chaos_mesh(pods.ports))], workers=2,
+               extra=["--no-access-log"])
+    yield pods, px
+    px.stop()
+    pods.stop()

@@ -11,20 +11,7 @@ import signal
 import threading
 import time
 
-import pytest
-
-from chaos import Load, Pods, chaos_mesh, judge
-from harness import Proxy, free_port, write_config
-
-
-@pytest.fixture
-def cluster(tmp_path):
-    pods = Pods(3, str(tmp_path / "origin.log"), free_port)
-    px = Proxy([write_config(str(tmp_path), chaos_mesh(pods.ports))], workers=2,
-               extra=["--no-access-log"])
-    yield pods, px
-    px.stop()
-    pods.stop()
+from chaos import Load, cluster, judge  # noqa: F401 (cluster: the shared fixture)
 
 
 def _kill_pods_while(load, pods, rng, every=0.3):

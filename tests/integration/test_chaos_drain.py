@@ -9,22 +9,9 @@ import socket
 import threading
 import time
 
-import pytest
-
-from chaos import Pods, _read_response, chaos_mesh
-from harness import Proxy, free_port, write_config
+from chaos import _read_response, cluster  # noqa: F401 (cluster: the shared fixture)
 
 CLIENTS = 16
-
-
-@pytest.fixture
-def cluster(tmp_path):
-    pods = Pods(3, str(tmp_path / "origin.log"), free_port)
-    px = Proxy([write_config(str(tmp_path), chaos_mesh(pods.ports))], workers=2,
-               extra=["--no-access-log"])
-    yield pods, px
-    px.stop()
-    pods.stop()
 
 
 def keep_alive_client(port, i, results, stop_at):

@@ -2,40 +2,20 @@
 local HTTPS origin whose certificates a test CA signed (openssl CLI). SIMPLE verifies the server
 (caCertificates, the SNI, subjectAltNames), MUTUAL presents the client certificate, keep-alive
 requests share one TLS connection, and a server that fails verification gets no request: 503."""
-import shutil
 import socket
 import ssl
-import subprocess
 import threading
 
 import pytest
 
 from harness import Client, Proxy, write_config
-
-OPENSSL = shutil.which("openssl")
-HOST = "api.example.com"
-
-
-def _openssl(*args, cwd):
-    subprocess.run([OPENSSL, *args], cwd=cwd, check=True, capture_output=True)
-
+from tls_pki import HOST, OPENSSL, make_pki
 
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory):
     if OPENSSL is None:
         pytest.skip("the openssl command is needed to generate the test CA")
-    d = tmp_path_factory.mktemp("pki")
-    (d / "san.cnf").write_text(f"subjectAltName=DNS:{HOST}\n")
-    for ca in ("ca", "other-ca"):
-        _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj",
-                 f"/CN={ca}", "-keyout", f"{ca}.key", "-out", f"{ca}.pem", cwd=d)
-    for name, cn in (("server", HOST), ("client", "client")):
-        _openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN={cn}", "-keyout",
-                 f"{name}.key", "-out", f"{name}.csr", cwd=d)
-        _openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
-                 "-CAcreateserial", "-days", "2", "-out", f"{name}.pem", "-extfile", "san.cnf",
-                 cwd=d)
-    return d
+    return make_pki(tmp_path_factory.mktemp("pki"))
 
 
 class HttpsOrigin:

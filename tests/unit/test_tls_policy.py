@@ -4,10 +4,10 @@ This proves the policy is the one Istio's fields mean; tests/integration/test_tl
 proves the data path originates TLS with it."""
 from __future__ import annotations
 
-import shutil
+import os
 import socket
 import ssl
-import subprocess
+import sys
 import textwrap
 import threading
 
@@ -16,6 +16,9 @@ import pytest
 from meshcore.config.compile import compile_sources
 from meshcore.config.tls import ClientTlsPolicy, tls_policy_from_istio
 from meshcore.errors import ConfigError
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "integration"))
+from tls_pki import OPENSSL, make_pki  # noqa: E402 (the integration tests' PKI helper)
 
 
 def compile_dr(tls_yaml: str):
@@ -72,29 +75,11 @@ def test_tls_validation_parity():
     assert tls_policy_from_istio(None) == (None, [])
 
 
-OPENSSL = shutil.which("openssl")
-
-
-def _run(*args, cwd):
-    subprocess.run([OPENSSL, *args], cwd=cwd, check=True, capture_output=True)
-
-
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory):
     if OPENSSL is None:
         pytest.skip("the openssl command is needed to generate the test CA")
-    d = tmp_path_factory.mktemp("pki")
-    ext = d / "san.cnf"
-    ext.write_text("subjectAltName=DNS:api.example.com\n")
-    for name in ("ca", "other-ca"):
-        _run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", f"/CN={name}",
-             "-keyout", f"{name}.key", "-out", f"{name}.pem", cwd=d)
-    for name, cn in (("server", "api.example.com"), ("client", "client")):
-        _run("req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN={cn}", "-keyout", f"{name}.key",
-             "-out", f"{name}.csr", cwd=d)
-        _run("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
-             "-days", "2", "-out", f"{name}.pem", "-extfile", str(ext), cwd=d)
-    return d
+    return make_pki(tmp_path_factory.mktemp("pki"))
 
 
 def _server(pki, require_client_cert: bool):
